@@ -262,10 +262,10 @@ def connect(
     try:
         version = _check_version(conn)
         if version == 0 and not _user_tables(conn):
-            if read_only:
+            if read_only or not create:
                 raise StoreError(
                     "{}: the file is an empty database, not an aepsych_store database;"
-                    " open it without read_only to create one".format(path)
+                    " open it with read_only=False and create=True to make it a new one".format(path)
                 )
             _create_schema(conn)
             version = SCHEMA_VERSION
@@ -301,16 +301,38 @@ def _check_file_exists(path):
 
 def _open(path, mode, timeout):
     uri = Path(path).absolute().as_uri() + "?mode=" + mode
+    if mode == "ro" and _is_idle_wal_file(path):
+        # A reader of a WAL file makes PATH-wal and PATH-shm unless they
+        # exist. With no PATH-wal, no writer has the file open, so every
+        # committed page is in the file itself and it can be read as immutable.
+        # NOTE: a writer that opens the file while this reader is open is not seen, and its checkpoint could change pages under the reader.
+        uri += "&immutable=1"
     try:
         conn = sqlite3.connect(
             uri, uri=True, timeout=timeout, isolation_level=None, factory=StoreConnection
         )
     except sqlite3.Error as error:
-        raise StoreError("{}: cannot open the file: {}".format(path, error)) from error
+        raise StoreError(
+            "{}: cannot open the file: {}; check that its folder exists and that you may"
+            " read it (and write it, unless read_only)".format(path, error)
+        ) from error
     conn.path = path
     conn.read_only = mode == "ro"
     _execute(conn, "PRAGMA foreign_keys = ON")
     return conn
+
+
+def _is_idle_wal_file(path):
+    """Tell whether a file's header says WAL mode and no PATH-wal file exists beside it."""
+    if os.path.exists(path + "-wal"):
+        return False
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(20)
+    except OSError:
+        return False
+    # Bytes 18 and 19 of the header are the file format's write and read versions: 2 means WAL.
+    return header[:16] == b"SQLite format 3\x00" and header[18:20] == b"\x02\x02"
 
 
 def _apply_settings(conn, journal_mode, synchronous):
@@ -341,8 +363,9 @@ def _check_version(conn):
     version = _read_version(conn)
     if version < 0:
         raise StoreError(
-            "{}: invalid schema version {} in PRAGMA user_version; this is not an"
-            " aepsych_store database, or it is damaged".format(conn.path, version)
+            "{}: invalid schema version {} in PRAGMA user_version, so this is not an"
+            " aepsych_store database or it is damaged; check the path or restore the file"
+            " from a backup".format(conn.path, version)
         )
     if version > SCHEMA_VERSION:
         raise StoreError(
@@ -533,11 +556,12 @@ _UPGRADE_STEPS = ((1, _upgrade_to_1),)
 def _legacy_layout(conn):
     """Check that a version 0 file is AEPsych's and return its tables' column names."""
     tables = set(_user_tables(conn))
-    if not {"master", "replay_data"} <= tables:
+    missing_tables = [t for t in ("master", "replay_data") if t not in tables]
+    if missing_tables:
         raise StoreError(
-            "{}: not an AEPsych database: it has schema version 0 and the tables {},"
-            " but no master and replay_data tables; nothing was changed".format(
-                conn.path, ", ".join(sorted(tables)) or "(none)"
+            "{}: not an AEPsych database: it has the tables {} but no {} table;"
+            " check that the path names an AEPsych database (nothing was changed)".format(
+                conn.path, ", ".join(sorted(tables)), " and ".join(missing_tables)
             )
         )
     layout = {}
@@ -549,13 +573,16 @@ def _legacy_layout(conn):
         if missing:
             raise StoreError(
                 "{}: not an AEPsych database layout: table {} has no column {};"
-                " nothing was changed".format(conn.path, table, ", ".join(missing))
+                " check that the path names an AEPsych database (nothing was changed)".format(
+                    conn.path, table, ", ".join(missing)
+                )
             )
         unknown = [c for c in columns if c not in required and c not in _LEGACY_OPTIONAL_COLUMNS[table]]
         if unknown:
             raise StoreError(
                 "{}: table {} has column {} that this aepsych_store does not know, and an"
-                " upgrade would lose it; nothing was changed".format(conn.path, table, ", ".join(unknown))
+                " upgrade would lose it; copy that column's data elsewhere and drop the column,"
+                " then upgrade again (nothing was changed)".format(conn.path, table, ", ".join(unknown))
             )
         layout[table] = columns
     return layout
@@ -574,11 +601,13 @@ def _quote(identifier):
     return '"' + identifier.replace('"', '""') + '"'
 
 
-def run_upgrade_steps(conn):
+def run_upgrade_steps(conn, *, unchanged_since=None):
     """Upgrade an open database to SCHEMA_VERSION and return the changes, step by step.
 
     Each step and its user_version bump commit together, so a crash leaves
-    the file at the version before or after that step, never between.
+    the file at the version before or after that step, never between. With
+    ``unchanged_since`` (a PRAGMA data_version value read after a backup),
+    the first step fails if another process wrote to the file since then.
     """
     changes = []
     for target, step in _UPGRADE_STEPS:
@@ -589,6 +618,14 @@ def run_upgrade_steps(conn):
         _execute(conn, "PRAGMA foreign_keys = OFF")
         try:
             with _transaction(conn):
+                if unchanged_since is not None:
+                    (data_version,) = _execute(conn, "PRAGMA data_version").fetchone()
+                    if data_version != unchanged_since:
+                        raise StoreError(
+                            "{}: another process wrote to the file after the backup was made;"
+                            " stop it and run the upgrade again (nothing was changed)".format(conn.path)
+                        )
+                    unchanged_since = None
                 version = _check_version(conn)
                 if target <= version:
                     continue  # another process ran this step meanwhile
@@ -621,7 +658,7 @@ def upgrade_file(path, *, backup=True, timeout=10.0):
     if os.path.getsize(path) == 0:
         raise StoreError(
             "{}: the file is empty (0 bytes), so there is nothing to upgrade;"
-            " connect() turns it into a new database".format(path)
+            " check the path (aepsych_store.connect() makes an empty file a new database)".format(path)
         )
     conn = _open(path, "rw", timeout)
     try:
@@ -631,20 +668,29 @@ def upgrade_file(path, *, backup=True, timeout=10.0):
         if old_version == 0 and not _user_tables(conn):
             raise StoreError(
                 "{}: the file is an empty database with no tables, so there is nothing to"
-                " upgrade; connect() turns it into a new database".format(path)
+                " upgrade; check the path (aepsych_store.connect() makes it a new database)".format(path)
             )
         if old_version == 0:
             _legacy_layout(conn)
 
-        backup_path = _backup(conn, old_version) if backup else None
-        changes = run_upgrade_steps(conn)
+        backup_path = data_version = None
+        if backup:
+            (data_version,) = _execute(conn, "PRAGMA data_version").fetchone()
+            backup_path = _backup(conn, old_version)
+        changes = run_upgrade_steps(conn, unchanged_since=data_version)
         return UpgradeReport(path, old_version, _read_version(conn), backup_path, changes)
     finally:
         conn.close()
 
 
 def _backup(conn, version):
-    """Copy the database to PATH.vN.bak through SQLite's backup API, then sync it."""
+    """Copy the database to PATH.vN.bak and sync the copy to disk; return its path.
+
+    A file in rollback-journal mode is copied byte for byte under the write
+    lock, so no other process changes it meanwhile. A WAL-mode file
+    keeps recent commits in PATH-wal, so it is copied through SQLite's backup
+    API, which gives the same rows in a file that is not byte-identical.
+    """
     base = "{}.v{}".format(conn.path, version)
     backup_path = base + ".bak"
     number = 1
@@ -652,12 +698,17 @@ def _backup(conn, version):
         backup_path = "{}.{}.bak".format(base, number)
         number += 1
     partial_path = backup_path + ".partial"
+    (journal_mode,) = _execute(conn, "PRAGMA journal_mode").fetchone()
     try:
-        target = sqlite3.connect(partial_path)
-        try:
-            conn.backup(target)
-        finally:
-            target.close()
+        if journal_mode.lower() == "wal":
+            target = sqlite3.connect(partial_path)
+            try:
+                conn.backup(target)
+            finally:
+                target.close()
+        else:
+            with _transaction(conn):
+                shutil.copyfile(conn.path, partial_path)
         with open(partial_path, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(partial_path, backup_path)
