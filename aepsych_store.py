@@ -14,10 +14,12 @@ import configparser
 import contextlib
 import datetime
 import io
+import itertools
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import sqlite3
 import struct
@@ -31,7 +33,7 @@ from pathlib import Path
 __version__ = "0.1.0"
 
 #: The schema version this module writes and reads, kept in PRAGMA user_version.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 3
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +96,13 @@ _INSERT_STRAT = (
 )
 _INSERT_CONFIG = "INSERT INTO config_data (timestamp, config, master_table_id) VALUES (?, ?, ?)"
 _SELECT_MASTER_EXISTS = "SELECT 1 FROM master WHERE unique_id = ?"
+_SELECT_LATEST_SETUP = (
+    "SELECT unique_id, message_contents FROM replay_data"
+    " WHERE master_table_id = ? AND message_type = 'setup' ORDER BY unique_id DESC LIMIT 1"
+)
+_INSERT_TRIAL = "INSERT INTO raw_data (timestamp, model_data, extra_data, master_table_id) VALUES (?, ?, ?, ?)"
+_INSERT_PARAM = "INSERT INTO param_data (param_name, param_value, iteration_id) VALUES (?, ?, ?)"
+_INSERT_OUTCOME = "INSERT INTO outcome_data (outcome_name, outcome_value, iteration_id) VALUES (?, ?, ?)"
 _SELECT_REPLAY = (
     "SELECT unique_id, timestamp, message_type, message_contents, extra_info"
     " FROM replay_data WHERE master_table_id = ? AND unique_id >= ? ORDER BY unique_id"
@@ -200,14 +209,31 @@ Experiment = collections.namedtuple(
 
 
 class UpgradeReport:
-    """What an upgrade of one file did: versions, backup and the changes per step."""
+    """What an upgrade of one file did.
 
-    def __init__(self, path, old_version, new_version, backup_path=None, changes=()):
+    ``changes`` lists what each step changed, in words. ``unreadable`` and
+    ``kept_as_pickle`` list (table, column, row id, reason) for legacy values
+    that could not be decoded, and for those JSON cannot hold exactly; both
+    stay in the file byte for byte. ``skipped_tells`` lists (row id, reason)
+    for recorded tells that could not be split into trials.
+    """
+
+    def __init__(self, path, old_version, new_version, backup_path=None, progress=None):
         self.path = path
         self.old_version = old_version
         self.new_version = new_version
         self.backup_path = backup_path
-        self.changes = list(changes)
+        self.changes = []
+        self.unreadable = []
+        self.kept_as_pickle = []
+        self.skipped_tells = []
+        self._progress = progress
+        self._rows_done = 0
+
+    def progress(self, rows):
+        self._rows_done += rows
+        if self._progress is not None:
+            self._progress(self._rows_done)
 
     def __repr__(self):
         return "UpgradeReport(path={!r}, old_version={}, new_version={}, backup_path={!r})".format(
@@ -224,6 +250,11 @@ class StoreConnection(sqlite3.Connection):
 
     path = "?"
     read_only = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # master_id -> (parnames, stimuli_per_trial) of its latest setup.
+        self.trial_layouts = {}
 
     def close(self):
         super().close()
@@ -501,56 +532,207 @@ def _transaction(conn):
 # Upgrades
 
 
-def _upgrade_to_1(conn):
-    """Rebuild AEPsych's tables in the version 1 layout: add missing columns, drop UNIQUE."""
+def _upgrade_to_1(conn, report):
+    """Rebuild AEPsych's four tables in the version 1 layout: add missing columns, drop UNIQUE."""
     layout = _legacy_layout(conn)
-    changes = []
-
-    # SQLite cannot drop a constraint in place, so each table is renamed,
-    # created anew and refilled. legacy_alter_table keeps the rename from
-    # rewriting other tables' REFERENCES master clauses to the old name.
     extra_objects = _execute(
         conn,
         "SELECT name, sql FROM sqlite_master WHERE type IN ('index', 'trigger')"
         " AND sql IS NOT NULL AND tbl_name IN ('master', 'replay_data', 'strat_data', 'config_data')",
     ).fetchall()
     unique_columns = {table: _unique_constraints(conn, table) for table in layout}
-    _execute(conn, "PRAGMA legacy_alter_table = ON")
-    for table in layout:
-        _execute(conn, "ALTER TABLE {0} RENAME TO _aepsych_store_old_{0}".format(table))
 
-    for table, create_sql in _V1_TABLES.items():
-        _execute(conn, create_sql)
-        if table not in layout:
-            changes.append("{}: created the missing table".format(table))
-            continue
-        old_columns = layout[table]
-        column_list = ", ".join(old_columns)
-        _execute(
-            conn,
-            "INSERT INTO {0} ({1}) SELECT {1} FROM _aepsych_store_old_{0}".format(table, column_list),
-        )
-        _execute(conn, "DROP TABLE _aepsych_store_old_{}".format(table))
-        added = [c for c in _LEGACY_OPTIONAL_COLUMNS[table] if c not in old_columns]
-        if table == "strat_data":
-            added.append("strat_format")
-        if added:
-            changes.append("{}: added column {}".format(table, ", ".join(added)))
-        for columns in unique_columns[table]:
-            changes.append("{}: removed UNIQUE ({})".format(table, ", ".join(columns)))
-    _execute(conn, "PRAGMA legacy_alter_table = OFF")
-
+    _rebuild_tables(conn, _V1_TABLES, layout)
     for statement in _V1_INDEXES:
         _execute(conn, statement)
     for name, sql in extra_objects:
         _execute(conn, sql)
-        changes.append("kept {}".format(name))
-    return changes
+        report.changes.append("version 1: kept {}".format(name))
+
+    for table in _V1_TABLES:
+        if table not in layout:
+            report.changes.append("version 1: {}: created the missing table".format(table))
+            continue
+        added = [c for c in _LEGACY_OPTIONAL_COLUMNS[table] if c not in layout[table]]
+        if table == "strat_data":
+            added.append("strat_format")
+        if added:
+            report.changes.append("version 1: {}: added column {}".format(table, ", ".join(added)))
+        for columns in unique_columns[table]:
+            report.changes.append("version 1: {}: removed UNIQUE ({})".format(table, ", ".join(columns)))
+
+
+def _rebuild_tables(conn, create_statements, layout):
+    """Create tables anew from create_statements, keeping the rows of those in layout.
+
+    layout maps an existing table to its column names. SQLite cannot drop a
+    constraint or reorder columns in place, so each existing table is renamed,
+    created anew and refilled, keeping every unique_id. legacy_alter_table
+    keeps the rename from rewriting other tables' REFERENCES clauses to the
+    old name.
+    """
+    _execute(conn, "PRAGMA legacy_alter_table = ON")
+    for table in layout:
+        _execute(conn, "ALTER TABLE {0} RENAME TO _aepsych_store_old_{0}".format(table))
+    for table, create_sql in create_statements.items():
+        _execute(conn, create_sql)
+        if table in layout:
+            columns = ", ".join(layout[table])
+            _execute(conn, "INSERT INTO {0} ({1}) SELECT {1} FROM _aepsych_store_old_{0}".format(table, columns))
+            _execute(conn, "DROP TABLE _aepsych_store_old_{}".format(table))
+    _execute(conn, "PRAGMA legacy_alter_table = OFF")
+
+
+def _upgrade_to_2(conn, report):
+    """Rewrite legacy pickles as JSON text wherever JSON holds exactly the same value."""
+    for table, column in _PICKLED_COLUMNS:
+        converted = 0
+        next_id = _MIN_ROWID
+        while True:
+            rows = _execute(
+                conn,
+                "SELECT unique_id, {1} FROM {0} WHERE typeof({1}) = 'blob' AND unique_id >= ?"
+                " ORDER BY unique_id LIMIT {2:d}".format(table, column, _CONVERSION_BATCH),
+                (next_id,),
+            ).fetchall()
+            if not rows:
+                break
+            updates = []
+            for unique_id, blob in rows:
+                try:
+                    value = _decode_pickle(blob)
+                except ValueError as error:
+                    report.unreadable.append((table, column, unique_id, str(error)))
+                    logger.warning("%s: %s row %d: unreadable %s kept as it is: %s", conn.path, table, unique_id, column, error)
+                    continue
+                text, reason = _exact_json(value)
+                if text is None:
+                    report.kept_as_pickle.append((table, column, unique_id, reason))
+                    continue
+                updates.append((text, unique_id))
+            conn.executemany("UPDATE {} SET {} = ? WHERE unique_id = ?".format(table, column), updates)
+            converted += len(updates)
+            next_id = rows[-1][0] + 1
+            report.progress(len(rows))
+        if converted:
+            report.changes.append("version 2: {}.{}: converted {} pickles to JSON".format(table, column, converted))
+
+
+# Columns that AEPsych filled with pickles of plain data.
+_PICKLED_COLUMNS = (("replay_data", "message_contents"), ("replay_data", "extra_info"), ("master", "extra_metadata"))
+_CONVERSION_BATCH = 2000
+
+
+def _exact_json(value):
+    """Return (JSON text, None) if JSON holds exactly value, else (None, the reason)."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        text.encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as error:
+        return None, "JSON cannot hold it: {}".format(error)
+    # json.dumps turns tuples into lists and int keys into strings; the
+    # comparison catches both, because [1] != (1,) and {1: 2} != {"1": 2}.
+    if json.loads(text) != value:
+        return None, "JSON would change it (a tuple or a non-string dict key)"
+    return text, None
+
+
+def _upgrade_to_3(conn, report):
+    """Add the trial tables, or bring AEPsych 0.8's to this layout, and fill them from recorded tells."""
+    tables = set(_user_tables(conn))
+    layout = {}
+    for table, required in _TRIAL_COLUMNS.items():
+        if table not in tables:
+            continue
+        columns = [row[1] for row in _execute(conn, "PRAGMA table_info({})".format(table))]
+        optional = ("extra_data",) if table == "raw_data" else ()
+        unknown = [c for c in columns if c not in required and c not in optional]
+        missing = [c for c in required if c not in columns]
+        if unknown or missing:
+            raise StoreError(
+                "{}: table {} is not laid out as AEPsych's (missing {}, unknown {});"
+                " rename it and upgrade again (nothing was changed)".format(
+                    conn.path, table, ", ".join(missing) or "nothing", ", ".join(unknown) or "nothing"
+                )
+            )
+        layout[table] = columns
+    _rebuild_tables(conn, _V3_TABLES, layout)
+    for statement in _V3_INDEXES:
+        _execute(conn, statement)
+
+    for (master_id,) in _execute(conn, "SELECT unique_id FROM master ORDER BY unique_id").fetchall():
+        if _execute(conn, "SELECT 1 FROM raw_data WHERE master_table_id = ? LIMIT 1", (master_id,)).fetchone():
+            report.changes.append("version 3: experiment {}: kept the trial rows it has".format(master_id))
+            continue
+        count = _fill_trials(conn, master_id, report)
+        if count:
+            report.changes.append("version 3: experiment {}: wrote {} trials from its tells".format(master_id, count))
+
+
+def _fill_trials(conn, master_id, report):
+    """Write the trial rows of every recorded tell of one experiment; return the trial count."""
+    count = 0
+    layout = _DEFAULT_LAYOUT
+    for record in iter_replay(conn, master_id, skip_unreadable=True):
+        if record.message_type == "setup":
+            layout = _layout_of_setup(record.message_contents)
+        if record.message_type != "tell":
+            continue
+        try:
+            prepared = _prepare_trials(record.message_contents, layout)
+        except ValueError as error:
+            report.skipped_tells.append((record.unique_id, str(error)))
+            logger.warning("%s: replay_data row %d: tell not split into trials: %s", conn.path, record.unique_id, error)
+            continue
+        count += _write_trials(conn, master_id, record.timestamp, prepared)
+        report.progress(1)
+    return count
+
+
+_TRIAL_COLUMNS = {
+    "raw_data": ("unique_id", "timestamp", "model_data", "master_table_id"),
+    "param_data": ("unique_id", "param_name", "param_value", "iteration_id"),
+    "outcome_data": ("unique_id", "outcome_name", "outcome_value", "iteration_id"),
+}
+
+# The trial tables at schema version 3, frozen for the step that creates them.
+_V3_TABLES = {
+    "raw_data": """CREATE TABLE raw_data (
+	unique_id INTEGER NOT NULL,
+	timestamp DATETIME,
+	model_data BOOLEAN,
+	extra_data BLOB,
+	master_table_id INTEGER,
+	PRIMARY KEY (unique_id),
+	FOREIGN KEY(master_table_id) REFERENCES master (unique_id)
+)""",
+    "param_data": """CREATE TABLE param_data (
+	unique_id INTEGER NOT NULL,
+	param_name VARCHAR(50),
+	param_value VARCHAR(50),
+	iteration_id INTEGER,
+	PRIMARY KEY (unique_id),
+	FOREIGN KEY(iteration_id) REFERENCES raw_data (unique_id)
+)""",
+    "outcome_data": """CREATE TABLE outcome_data (
+	unique_id INTEGER NOT NULL,
+	outcome_name VARCHAR(50),
+	outcome_value FLOAT,
+	iteration_id INTEGER,
+	PRIMARY KEY (unique_id),
+	FOREIGN KEY(iteration_id) REFERENCES raw_data (unique_id)
+)""",
+}
+_V3_INDEXES = (
+    "CREATE INDEX raw_data_master_table_id ON raw_data (master_table_id)",
+    "CREATE INDEX param_data_iteration_id ON param_data (iteration_id)",
+    "CREATE INDEX outcome_data_iteration_id ON outcome_data (iteration_id)",
+)
 
 
 # (version, step) pairs in order. Each step brings a file from the previous
 # version to its own and never commits; run_upgrade_steps owns the transaction.
-_UPGRADE_STEPS = ((1, _upgrade_to_1),)
+_UPGRADE_STEPS = ((1, _upgrade_to_1), (2, _upgrade_to_2), (3, _upgrade_to_3))
 
 
 def _legacy_layout(conn):
@@ -601,15 +783,16 @@ def _quote(identifier):
     return '"' + identifier.replace('"', '""') + '"'
 
 
-def run_upgrade_steps(conn, *, unchanged_since=None):
-    """Upgrade an open database to SCHEMA_VERSION and return the changes, step by step.
+def run_upgrade_steps(conn, *, unchanged_since=None, report=None):
+    """Upgrade an open database to SCHEMA_VERSION and return an UpgradeReport.
 
     Each step and its user_version bump commit together, so a crash leaves
     the file at the version before or after that step, never between. With
-    ``unchanged_since`` (a PRAGMA data_version value read after a backup),
+    ``unchanged_since`` (a PRAGMA data_version value read before a backup),
     the first step fails if another process wrote to the file since then.
     """
-    changes = []
+    if report is None:
+        report = UpgradeReport(conn.path, _check_version(conn), None)
     for target, step in _UPGRADE_STEPS:
         if target <= _check_version(conn):
             continue
@@ -629,29 +812,30 @@ def run_upgrade_steps(conn, *, unchanged_since=None):
                 version = _check_version(conn)
                 if target <= version:
                     continue  # another process ran this step meanwhile
+                logger.info("%s: upgrading from version %d to %d", conn.path, version, target)
                 try:
-                    step_changes = step(conn)
+                    step(conn, report)
                 except StoreError as error:
                     raise StoreError(
-                        "{}; upgrade step {} failed and the file stays at version {}".format(
-                            error, target, version
-                        )
+                        "{}; upgrade step {} failed and the file stays at version {}".format(error, target, version)
                     ) from error
                 _execute(conn, "PRAGMA user_version = {:d}".format(target))
         finally:
             _execute(conn, "PRAGMA foreign_keys = ON")
-        for change in step_changes:
-            logger.info("%s: version %d: %s", conn.path, target, change)
-        changes.extend("version {}: {}".format(target, change) for change in step_changes)
-    return changes
+    report.new_version = _read_version(conn)
+    for change in report.changes:
+        logger.info("%s: %s", conn.path, change)
+    return report
 
 
-def upgrade_file(path, *, backup=True, timeout=10.0):
+def upgrade_file(path, *, backup=True, timeout=10.0, progress=None):
     """Upgrade a database file in place to SCHEMA_VERSION and return an UpgradeReport.
 
     With ``backup`` (the default), the file is first copied to
     ``PATH.vN.bak`` (N is its old version; a number is added if that name is
     taken). A file already at SCHEMA_VERSION is left byte for byte as it is.
+    ``progress``, if given, is called with the number of rows each step has
+    handled so far.
     """
     path = os.fspath(path)
     _check_file_exists(path)
@@ -673,12 +857,12 @@ def upgrade_file(path, *, backup=True, timeout=10.0):
         if old_version == 0:
             _legacy_layout(conn)
 
-        backup_path = data_version = None
+        report = UpgradeReport(path, old_version, None, progress=progress)
+        data_version = None
         if backup:
             (data_version,) = _execute(conn, "PRAGMA data_version").fetchone()
-            backup_path = _backup(conn, old_version)
-        changes = run_upgrade_steps(conn, unchanged_since=data_version)
-        return UpgradeReport(path, old_version, _read_version(conn), backup_path, changes)
+            report.backup_path = _backup(conn, old_version)
+        return run_upgrade_steps(conn, unchanged_since=data_version, report=report)
     finally:
         conn.close()
 
@@ -906,7 +1090,9 @@ def record_message(conn, master_id, message_type, message_contents, extra_info=N
     """Record one message of an experiment, commit it and return its replay_data.unique_id.
 
     Without ``extra_info``, a top-level "extra_info" key of the message is
-    stored in that column too.
+    stored in that column too. A tell also writes its trials to raw_data,
+    param_data and outcome_data in the same transaction, split by the
+    parnames and stimuli_per_trial of the experiment's setup config.
     """
     _check_writable(conn)
     _check_master_id(conn, master_id)
@@ -916,9 +1102,24 @@ def record_message(conn, master_id, message_type, message_contents, extra_info=N
         extra_info = message_contents.get("extra_info")
     contents_text = _encode_json(message_contents, "message_contents", conn)
     extra_text = _encode_json(extra_info, "extra_info", conn) if extra_info is not None else None
-    return _insert_for_experiment(
-        conn, _INSERT_MESSAGE, (_now(), message_type, contents_text, extra_text, master_id), master_id
-    )
+    timestamp = _now()
+    parameters = (timestamp, message_type, contents_text, extra_text, master_id)
+    if message_type == "setup":
+        conn.trial_layouts.pop(master_id, None)
+    if message_type != "tell":
+        return _insert_for_experiment(conn, _INSERT_MESSAGE, parameters, master_id)
+
+    _check_experiment(conn, master_id)
+    try:
+        prepared = _prepare_trials(message_contents, _experiment_layout(conn, master_id))
+    except ValueError as error:
+        raise StoreError(
+            "{}: the tell cannot be split into trials: {}; nothing was written".format(conn.path, error)
+        ) from error
+    with _transaction(conn):
+        row_id = _insert_for_experiment(conn, _INSERT_MESSAGE, parameters, master_id)
+        _write_trials(conn, master_id, timestamp, prepared)
+    return row_id
 
 
 def save_strat(conn, master_id, strat):
@@ -1143,6 +1344,1440 @@ def _config_text(conn, config, unique_id):
         table="config_data",
         row_id=unique_id,
     )
+
+
+# ---------------------------------------------------------------------------
+# Data-only pickle reader
+#
+# Old AEPsych databases store pickles, and a database file is untrusted input:
+# pickle.loads on such bytes can run arbitrary code. _decode_pickle interprets
+# the opcode stream of protocols 0 to 5 itself and never imports, looks up or
+# calls anything that the pickle names.
+# ---------------------------------------------------------------------------
+
+
+
+class _PickleDecodeError(ValueError):
+    """Invalid, unsupported or unsafe pickle data, with a message that names the opcode and byte offset."""
+
+
+class _PickledGlobal:
+    """Inert reference to a global ``module.name`` that a pickle names.
+
+    The names are kept as the pickle spells them: protocols 0 to 2 written by
+    Python 3 spell ``builtins`` as ``__builtin__``. Nothing is imported.
+    """
+
+    __slots__ = ("module", "name")
+
+    def __init__(self, module, name):
+        self.module = module
+        self.name = name
+
+    def __eq__(self, other):
+        if type(other) is not _PickledGlobal:
+            return NotImplemented
+        return self.module == other.module and self.name == other.name
+
+    def __hash__(self):
+        return hash((self.module, self.name))
+
+    def __repr__(self):
+        return "_PickledGlobal(%r, %r)" % (self.module, self.name)
+
+
+class _PickledObject:
+    """Inert record of an object that a pickle would build by calling ``cls``.
+
+    ``cls`` is a _PickledGlobal or whatever value the pickle called.
+    ``args`` (a tuple) and ``kwargs`` (a dict) are the call's arguments.
+    ``state`` is the value that BUILD would pass to ``__setstate__``, or None
+    without BUILD. ``listitems`` collects the values of APPEND, APPENDS and
+    ADDITEMS, and ``dictitems`` the pairs of SETITEM and SETITEMS.
+
+    Records are mutable because a pickle refers to an object before BUILD
+    sets its state, so records can form cycles. Equality and hashing are by
+    identity for the same reason.
+    """
+
+    __slots__ = ("cls", "args", "kwargs", "state", "listitems", "dictitems")
+
+    def __init__(self, cls, args=(), kwargs=None, state=None, listitems=None, dictitems=None):
+        self.cls = cls
+        self.args = args
+        self.kwargs = {} if kwargs is None else kwargs
+        self.state = state
+        self.listitems = [] if listitems is None else listitems
+        self.dictitems = {} if dictitems is None else dictitems
+
+    def __repr__(self):
+        # Only one level is shown, because records can be cyclic or deep.
+        parts = [_describe_value(self.cls)]
+        parts.append("args=(%s)" % ", ".join(_describe_value(arg) for arg in self.args[:8]))
+        if self.kwargs:
+            parts.append("kwargs=%s" % _describe_value(self.kwargs))
+        if self.state is not None:
+            parts.append("state=%s" % _describe_value(self.state))
+        if self.listitems:
+            parts.append("listitems=%s" % _describe_value(self.listitems))
+        if self.dictitems:
+            parts.append("dictitems=%s" % _describe_value(self.dictitems))
+        return "_PickledObject(%s)" % ", ".join(parts)
+
+
+def _describe_value(value):
+    """Return a short, non-recursive description of value for reprs."""
+    kind = type(value)
+    if kind is _PickledGlobal:
+        return repr(value)
+    if kind is _PickledObject:
+        if type(value.cls) is _PickledGlobal:
+            return "<_PickledObject %s.%s>" % (value.cls.module, value.cls.name)
+        return "<_PickledObject>"
+    if kind in (str, bytes, bytearray):
+        text = repr(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+    if kind is int and value.bit_length() > 160:
+        # repr() of an int above 4300 digits raises on Python 3.11+.
+        return "<int of %d bits>" % value.bit_length()
+    if kind in (int, float, bool) or value is None:
+        return repr(value)
+    if kind in (list, tuple, dict, set, frozenset):
+        return "<%s of %d items>" % (kind.__name__, len(value))
+    return "<%s>" % kind.__name__
+
+
+_OPCODE_NAMES = {
+    0x28: "MARK", 0x2E: "STOP", 0x30: "POP", 0x31: "POP_MARK", 0x32: "DUP",
+    0x46: "FLOAT", 0x49: "INT", 0x4A: "BININT", 0x4B: "BININT1", 0x4C: "LONG",
+    0x4D: "BININT2", 0x4E: "NONE", 0x50: "PERSID", 0x51: "BINPERSID",
+    0x52: "REDUCE", 0x53: "STRING", 0x54: "BINSTRING", 0x55: "SHORT_BINSTRING",
+    0x56: "UNICODE", 0x58: "BINUNICODE", 0x61: "APPEND", 0x62: "BUILD",
+    0x63: "GLOBAL", 0x64: "DICT", 0x7D: "EMPTY_DICT", 0x65: "APPENDS",
+    0x67: "GET", 0x68: "BINGET", 0x69: "INST", 0x6A: "LONG_BINGET",
+    0x6C: "LIST", 0x5D: "EMPTY_LIST", 0x6F: "OBJ", 0x70: "PUT", 0x71: "BINPUT",
+    0x72: "LONG_BINPUT", 0x73: "SETITEM", 0x74: "TUPLE", 0x29: "EMPTY_TUPLE",
+    0x75: "SETITEMS", 0x47: "BINFLOAT",
+    0x80: "PROTO", 0x81: "NEWOBJ", 0x82: "EXT1", 0x83: "EXT2", 0x84: "EXT4",
+    0x85: "TUPLE1", 0x86: "TUPLE2", 0x87: "TUPLE3", 0x88: "NEWTRUE",
+    0x89: "NEWFALSE", 0x8A: "LONG1", 0x8B: "LONG4",
+    0x42: "BINBYTES", 0x43: "SHORT_BINBYTES",
+    0x8C: "SHORT_BINUNICODE", 0x8D: "BINUNICODE8", 0x8E: "BINBYTES8",
+    0x8F: "EMPTY_SET", 0x90: "ADDITEMS", 0x91: "FROZENSET", 0x92: "NEWOBJ_EX",
+    0x93: "STACK_GLOBAL", 0x94: "MEMOIZE", 0x95: "FRAME",
+    0x96: "BYTEARRAY8", 0x97: "NEXT_BUFFER", 0x98: "READONLY_BUFFER",
+}
+
+# Opcodes whose argument starts with one byte read by indexing, so an
+# IndexError there means the data ended inside the argument.
+_ONE_BYTE_ARGUMENT = frozenset((0x4B, 0x68, 0x71, 0x55, 0x43, 0x8C, 0x80, 0x8A, 0x82))
+
+# GET, BINGET and LONG_BINGET, where an IndexError means a missing memo key.
+_MEMO_READS = frozenset((0x67, 0x68, 0x6A))
+
+_HIGHEST_PROTOCOL = 5
+
+# Python 3.11+ rejects int() of more than 4300 digits by default, and older
+# versions take quadratic time on long digit strings, so text integers (INT,
+# LONG, GET, PUT) are capped at the same length on every version.
+_MAX_TEXT_DIGITS = 4300
+
+# hash() and == of nested tuples recurse in C without a depth check. CPython
+# 3.8 to 3.13 on Linux x86-64 with an 8 MB main-thread stack crashed with a
+# segmentation fault on hash() of tuples nested 300,000 deep but not 100,000
+# deep. Thread stacks can be 16 times smaller, so max_depth, which also
+# limits tuple keys, is capped far below that.
+_MAX_DEPTH_LIMIT = 1000
+
+_unpack_double = struct.Struct(">d").unpack_from
+_unpack_int32 = struct.Struct("<i").unpack_from
+_unpack_uint32 = struct.Struct("<I").unpack_from
+_unpack_uint16 = struct.Struct("<H").unpack_from
+_unpack_uint64 = struct.Struct("<Q").unpack_from
+
+
+class _NestingError(Exception):
+    """Decoded data that nests too deep, expands too far or contains itself.
+
+    The message continues a sentence that starts with the opcode and offset.
+    """
+
+
+class _WalkLimit(Exception):
+    """A limit that _measure_nesting hit: "depth", "items" or "cycle"."""
+
+
+def _build_set(args):
+    return set(_constructor_items(args, "set"))
+
+
+def _build_frozenset(args):
+    return frozenset(_constructor_items(args, "frozenset"))
+
+
+def _constructor_items(args, name):
+    if args == ():
+        return ()
+    if len(args) == 1 and type(args[0]) is list:
+        return args[0]
+    raise ValueError("%s() expects no argument or one list, as CPython writes it" % name)
+
+
+def _build_bytes(args):
+    if args != ():
+        raise ValueError("bytes() expects no argument, as CPython writes it for b''")
+    return b""
+
+
+def _build_bytearray(args):
+    if args == ():
+        return bytearray()
+    if len(args) == 1 and type(args[0]) is bytes:
+        return bytearray(args[0])
+    raise ValueError("bytearray() expects no argument or one bytes value, as CPython writes it")
+
+
+def _build_encoded_bytes(args):
+    if len(args) != 2 or type(args[0]) is not str or args[1] not in ("latin1", "latin-1"):
+        raise ValueError("_codecs.encode() expects (str, 'latin1'), as CPython writes it for bytes")
+    return args[0].encode("latin-1")
+
+
+# Plain-data decoding admits REDUCE calls to these globals only, because
+# CPython's protocols 0 to 3 write set, frozenset, bytes and bytearray values
+# through them. Each entry is a reimplementation checked against the argument
+# shapes CPython writes; the real callable is never looked up.
+_PLAIN_CONSTRUCTORS = {
+    ("builtins", "set"): _build_set,
+    ("__builtin__", "set"): _build_set,
+    ("builtins", "frozenset"): _build_frozenset,
+    ("__builtin__", "frozenset"): _build_frozenset,
+    ("builtins", "bytes"): _build_bytes,
+    ("__builtin__", "bytes"): _build_bytes,
+    ("builtins", "bytearray"): _build_bytearray,
+    ("__builtin__", "bytearray"): _build_bytearray,
+    ("_codecs", "encode"): _build_encoded_bytes,
+}
+
+_PLAIN_CONSTRUCTOR_NAMES = "builtins.set, builtins.frozenset, builtins.bytes, builtins.bytearray and _codecs.encode"
+
+
+def _decode_pickle(data, *, allow_objects=False, max_depth=200):
+    """Decode a pickle to plain Python data without importing or calling anything it names.
+
+    With allow_objects false, only dict, list, tuple, set, frozenset, str,
+    bytes, bytearray, int, float, bool and None are admitted. Any opcode that
+    names a global or would call something raises _PickleDecodeError. The one
+    exception is REDUCE calls to set, frozenset, bytes, bytearray and
+    _codecs.encode in the shapes that protocols 0 to 3 write for plain data.
+    With allow_objects true, globals become _PickledGlobal references and
+    calls become _PickledObject records.
+
+    max_depth is the maximum number of nested containers (and, with
+    allow_objects, records) in the result. Data after the STOP opcode is
+    rejected: pickle.dumps never writes any, so it signals a damaged or
+    crafted blob.
+
+    Raise _PickleDecodeError for any invalid, truncated, unsupported or too
+    deeply nested input; raise TypeError or ValueError for invalid arguments.
+    """
+    if type(data) is not bytes:
+        if not isinstance(data, (bytearray, memoryview)):
+            raise TypeError("data must be bytes, bytearray or memoryview, not %s" % type(data).__name__)
+        data = bytes(data)
+    if type(max_depth) is not int or not 1 <= max_depth <= _MAX_DEPTH_LIMIT:
+        raise ValueError("max_depth must be an int from 1 to %d, not %r" % (_MAX_DEPTH_LIMIT, max_depth))
+    return _interpret(data, allow_objects, max_depth)
+
+
+def _interpret(data, allow_objects, max_depth):
+    """Run the opcode stream of data and return the value at STOP."""
+    size = len(data)
+    stack = []
+    # MARK saves the current stack here and starts an empty one, so opcodes
+    # that take the items since the last MARK take the whole current stack.
+    metastack = []
+    # CPython's picklers number memo entries 0, 1, 2, ... in order, so the
+    # memo is a list and a PUT that would leave a gap is rejected.
+    memo = []
+    memoize = memo.append
+    # pos is the offset of the current opcode until its branch ends, so error
+    # messages and the exception handlers below can report it.
+    pos = 0
+    op = -1
+    # Without GET or DUP of a container no value is shared, so the result is
+    # a tree no deeper than the number of containers built, and the walk
+    # after STOP can be skipped.
+    containers = 0
+    tuples_built = 0
+    shared = False
+    globals_seen = False
+    key_guard = None
+    try:
+        # Most pickles start with PROTO and FRAME, and reading them here keeps
+        # them out of the dispatch chain.
+        if size > 1 and data[0] == 0x80:
+            op = 0x80
+            _check_protocol(data, 0)
+            pos = 2
+            if size > 2 and data[2] == 0x95:
+                op = 0x95
+                _check_frame(data, 2, size)
+                pos = 11
+
+        # The chain is ordered by how often CPython writes each opcode for
+        # AEPsych messages and configs. Branches that push one value fall
+        # through to the code after the chain; the others end in continue.
+        while True:
+            op = data[pos]
+            if op == 0x8C:  # SHORT_BINUNICODE
+                end = pos + 2 + data[pos + 1]
+                if end > size:
+                    raise _truncated(op, pos, end - pos - 2, size - pos - 2)
+                value = data[pos + 2:end].decode("utf-8", "surrogatepass")
+                pos = end
+            elif op == 0x4B:  # BININT1
+                value = data[pos + 1]
+                pos += 2
+            elif op == 0x28:  # MARK
+                metastack.append(stack)
+                stack = []
+                pos += 1
+                continue
+            elif op == 0x7D:  # EMPTY_DICT
+                value = {}
+                containers += 1
+                pos += 1
+            elif op == 0x75:  # SETITEMS
+                items = stack
+                stack = metastack.pop()
+                target = stack[-1]
+                count = len(items)
+                if count & 1:
+                    raise _error(op, pos, "has a key without a value (%d items after MARK)" % count)
+                if shared or tuples_built > max_depth:
+                    key_guard = _check_keys(key_guard, items[::2], max_depth, size)
+                if type(target) is dict:
+                    for index in range(0, count, 2):
+                        target[items[index]] = items[index + 1]
+                elif type(target) is _PickledObject:
+                    for index in range(0, count, 2):
+                        target.dictitems[items[index]] = items[index + 1]
+                else:
+                    raise _wrong_target(op, pos, "a dict", target)
+                pos += 1
+                continue
+            elif op == 0x47:  # BINFLOAT
+                value = _unpack_double(data, pos + 1)[0]
+                pos += 9
+            elif op == 0x5D:  # EMPTY_LIST
+                value = []
+                containers += 1
+                pos += 1
+            elif op == 0x65:  # APPENDS
+                items = stack
+                stack = metastack.pop()
+                target = stack[-1]
+                if type(target) is list:
+                    target.extend(items)
+                elif type(target) is _PickledObject:
+                    target.listitems.extend(items)
+                else:
+                    raise _wrong_target(op, pos, "a list", target)
+                pos += 1
+                continue
+            elif op == 0x61:  # APPEND
+                value = stack.pop()
+                target = stack[-1]
+                if type(target) is list:
+                    target.append(value)
+                elif type(target) is _PickledObject:
+                    target.listitems.append(value)
+                else:
+                    raise _wrong_target(op, pos, "a list", target)
+                pos += 1
+                continue
+            elif op == 0x68:  # BINGET
+                value = memo[data[pos + 1]]
+                if type(value) is not str:
+                    shared = True
+                pos += 2
+            elif op == 0x73:  # SETITEM
+                value = stack.pop()
+                key = stack.pop()
+                target = stack[-1]
+                if shared or tuples_built > max_depth:
+                    key_guard = _check_keys(key_guard, (key,), max_depth, size)
+                if type(target) is dict:
+                    target[key] = value
+                elif type(target) is _PickledObject:
+                    target.dictitems[key] = value
+                else:
+                    raise _wrong_target(op, pos, "a dict", target)
+                pos += 1
+                continue
+            elif op == 0x4E:  # NONE
+                value = None
+                pos += 1
+            elif op == 0x88:  # NEWTRUE
+                value = True
+                pos += 1
+            elif op == 0x89:  # NEWFALSE
+                value = False
+                pos += 1
+            elif op == 0x2E:  # STOP
+                break
+            elif op == 0x86:  # TUPLE2
+                second = stack.pop()
+                value = (stack.pop(), second)
+                containers += 1
+                tuples_built += 1
+                pos += 1
+            elif op == 0x85:  # TUPLE1
+                value = (stack.pop(),)
+                containers += 1
+                tuples_built += 1
+                pos += 1
+            elif op == 0x52:  # REDUCE
+                args = stack.pop()
+                func = stack.pop()
+                if type(args) is not tuple:
+                    raise _error(op, pos, "needs a tuple of arguments, not %s" % type(args).__name__)
+                if (shared or tuples_built > max_depth) and _is_plain_constructor(func):
+                    for arg in args:
+                        if type(arg) is list:
+                            key_guard = _check_keys(key_guard, arg, max_depth, size)
+                value = _reduce(op, pos, func, args, allow_objects)
+                containers += 1
+                pos += 1
+            elif op == 0x29:  # EMPTY_TUPLE
+                value = ()
+                containers += 1
+                tuples_built += 1
+                pos += 1
+            elif op == 0x62:  # BUILD
+                state = stack.pop()
+                target = stack[-1]
+                if not allow_objects:
+                    raise _calls_rejected(op, pos, "would set an object's state")
+                if type(target) is not _PickledObject:
+                    raise _wrong_target(op, pos, "an object record", target)
+                if target.state is not None:
+                    raise _error(op, pos, "sets the state of an object that already has one, "
+                                 "which CPython's pickler never writes")
+                target.state = state
+                pos += 1
+                continue
+            elif op == 0x6A:  # LONG_BINGET
+                value = memo[_unpack_uint32(data, pos + 1)[0]]
+                if type(value) is not str:
+                    shared = True
+                pos += 5
+            elif op == 0x74:  # TUPLE
+                value = tuple(stack)
+                stack = metastack.pop()
+                containers += 1
+                tuples_built += 1
+                pos += 1
+            elif op == 0x87:  # TUPLE3
+                third = stack.pop()
+                second = stack.pop()
+                value = (stack.pop(), second, third)
+                containers += 1
+                tuples_built += 1
+                pos += 1
+            elif op == 0x94:  # MEMOIZE after an opcode that does not push
+                memoize(stack[-1])
+                pos += 1
+                continue
+            elif op == 0x71:  # BINPUT after an opcode that does not push
+                _put(memo, data[pos + 1], stack[-1], op, pos)
+                pos += 2
+                continue
+            elif op == 0x58:  # BINUNICODE
+                end = pos + 5 + _unpack_uint32(data, pos + 1)[0]
+                if end > size:
+                    raise _truncated(op, pos, end - pos - 5, size - pos - 5)
+                value = data[pos + 5:end].decode("utf-8", "surrogatepass")
+                pos = end
+            elif op == 0x4A:  # BININT
+                value = _unpack_int32(data, pos + 1)[0]
+                pos += 5
+            elif op == 0x4D:  # BININT2
+                value = _unpack_uint16(data, pos + 1)[0]
+                pos += 3
+            elif op == 0x93:  # STACK_GLOBAL
+                name = stack.pop()
+                module = stack.pop()
+                if type(module) is not str or type(name) is not str:
+                    raise _error(op, pos, "needs a str module and name, not %s and %s"
+                                 % (type(module).__name__, type(name).__name__))
+                value = _global(op, pos, module, name, allow_objects)
+                globals_seen = True
+                pos += 1
+            elif op == 0x81:  # NEWOBJ
+                args = stack.pop()
+                cls = stack.pop()
+                if not allow_objects:
+                    raise _calls_rejected(op, pos, "would call %s" % _describe_callable(cls))
+                if type(args) is not tuple:
+                    raise _error(op, pos, "needs a tuple of arguments, not %s" % type(args).__name__)
+                value = _PickledObject(cls, args)
+                containers += 1
+                pos += 1
+            elif op == 0x72:  # LONG_BINPUT
+                _put(memo, _unpack_uint32(data, pos + 1)[0], stack[-1], op, pos)
+                pos += 5
+                continue
+            elif op == 0x8A:  # LONG1
+                end = pos + 2 + data[pos + 1]
+                if end > size:
+                    raise _truncated(op, pos, end - pos - 2, size - pos - 2)
+                value = int.from_bytes(data[pos + 2:end], "little", signed=True)
+                pos = end
+            elif op == 0x8B:  # LONG4
+                length = _unpack_int32(data, pos + 1)[0]
+                if length < 0:
+                    raise _error(op, pos, "has a negative length %d" % length)
+                end = pos + 5 + length
+                if end > size:
+                    raise _truncated(op, pos, length, size - pos - 5)
+                value = int.from_bytes(data[pos + 5:end], "little", signed=True)
+                pos = end
+            elif op == 0x43:  # SHORT_BINBYTES
+                end = pos + 2 + data[pos + 1]
+                if end > size:
+                    raise _truncated(op, pos, end - pos - 2, size - pos - 2)
+                value = data[pos + 2:end]
+                pos = end
+            elif op == 0x42:  # BINBYTES
+                end = pos + 5 + _unpack_uint32(data, pos + 1)[0]
+                if end > size:
+                    raise _truncated(op, pos, end - pos - 5, size - pos - 5)
+                value = data[pos + 5:end]
+                pos = end
+            elif op == 0x8E or op == 0x8D or op == 0x96:  # BINBYTES8, BINUNICODE8, BYTEARRAY8
+                end = pos + 9 + _unpack_uint64(data, pos + 1)[0]
+                if end > size:
+                    raise _truncated(op, pos, end - pos - 9, size - pos - 9)
+                value = data[pos + 9:end]
+                if op == 0x8D:
+                    value = value.decode("utf-8", "surrogatepass")
+                elif op == 0x96:
+                    value = bytearray(value)
+                pos = end
+            elif op == 0x55:  # SHORT_BINSTRING
+                end = pos + 2 + data[pos + 1]
+                if end > size:
+                    raise _truncated(op, pos, end - pos - 2, size - pos - 2)
+                value = data[pos + 2:end].decode("ascii")
+                pos = end
+            elif op == 0x54:  # BINSTRING
+                length = _unpack_int32(data, pos + 1)[0]
+                if length < 0:
+                    raise _error(op, pos, "has a negative length %d" % length)
+                end = pos + 5 + length
+                if end > size:
+                    raise _truncated(op, pos, length, size - pos - 5)
+                value = data[pos + 5:end].decode("ascii")
+                pos = end
+            elif op == 0x6C:  # LIST
+                value = stack
+                stack = metastack.pop()
+                containers += 1
+                pos += 1
+            elif op == 0x64:  # DICT
+                items = stack
+                stack = metastack.pop()
+                if len(items) & 1:
+                    raise _error(op, pos, "has a key without a value (%d items after MARK)" % len(items))
+                if shared or tuples_built > max_depth:
+                    key_guard = _check_keys(key_guard, items[::2], max_depth, size)
+                iterator = iter(items)
+                value = dict(zip(iterator, iterator))
+                containers += 1
+                pos += 1
+            elif op == 0x8F:  # EMPTY_SET
+                value = set()
+                containers += 1
+                pos += 1
+            elif op == 0x90:  # ADDITEMS
+                items = stack
+                stack = metastack.pop()
+                target = stack[-1]
+                if shared or tuples_built > max_depth:
+                    key_guard = _check_keys(key_guard, items, max_depth, size)
+                if type(target) is set:
+                    target.update(items)
+                elif type(target) is _PickledObject:
+                    target.listitems.extend(items)
+                else:
+                    raise _wrong_target(op, pos, "a set", target)
+                pos += 1
+                continue
+            elif op == 0x91:  # FROZENSET
+                items = stack
+                stack = metastack.pop()
+                if shared or tuples_built > max_depth:
+                    key_guard = _check_keys(key_guard, items, max_depth, size)
+                value = frozenset(items)
+                containers += 1
+                pos += 1
+            elif op == 0x30:  # POP
+                # Like pickle, POP on an empty stack discards the last MARK.
+                if stack:
+                    stack.pop()
+                else:
+                    stack = metastack.pop()
+                pos += 1
+                continue
+            elif op == 0x31:  # POP_MARK
+                stack = metastack.pop()
+                pos += 1
+                continue
+            elif op == 0x32:  # DUP
+                value = stack[-1]
+                shared = True
+                pos += 1
+            elif op == 0x95:  # FRAME
+                # A frame only groups opcodes for buffered reading, so its
+                # length is checked and otherwise ignored.
+                _check_frame(data, pos, size)
+                pos += 9
+                continue
+            elif op == 0x80:  # PROTO
+                _check_protocol(data, pos)
+                pos += 2
+                continue
+            elif op == 0x49 or op == 0x4C:  # INT, LONG
+                end = _find_line_end(data, op, pos)
+                line = data[pos + 1:end]
+                if len(line) > _MAX_TEXT_DIGITS:
+                    raise _error(op, pos, "has %d digits; at most %d are accepted" % (len(line), _MAX_TEXT_DIGITS))
+                if op == 0x4C:
+                    # Python 2 writes longs with an L suffix.
+                    value = int(line[:-1] if line.endswith(b"L") else line, 0)
+                elif line == b"01":
+                    # Protocols 0 and 1 write bools as INT 01 and INT 00.
+                    value = True
+                elif line == b"00":
+                    value = False
+                else:
+                    value = int(line)
+                pos = end + 1
+            elif op == 0x46:  # FLOAT
+                end = _find_line_end(data, op, pos)
+                value = float(data[pos + 1:end])
+                pos = end + 1
+            elif op == 0x56:  # UNICODE
+                end = _find_line_end(data, op, pos)
+                value = data[pos + 1:end].decode("raw-unicode-escape")
+                pos = end + 1
+            elif op == 0x53:  # STRING
+                end = _find_line_end(data, op, pos)
+                line = data[pos + 1:end]
+                if len(line) < 2 or line[0] != line[-1] or line[0] not in b"\"'":
+                    raise _error(op, pos, "needs an argument in matching quotes")
+                value = _unescape_string(line[1:-1]).decode("ascii")
+                pos = end + 1
+            elif op == 0x67:  # GET
+                end = _find_line_end(data, op, pos)
+                value = memo[_parse_memo_key(data, op, pos, end)]
+                if type(value) is not str:
+                    shared = True
+                pos = end + 1
+            elif op == 0x70:  # PUT
+                end = _find_line_end(data, op, pos)
+                _put(memo, _parse_memo_key(data, op, pos, end), stack[-1], op, pos)
+                pos = end + 1
+                continue
+            elif op == 0x63:  # GLOBAL
+                module, name, end = _read_global_name(data, op, pos)
+                value = _global(op, pos, module, name, allow_objects)
+                globals_seen = True
+                pos = end
+            elif op == 0x69:  # INST
+                module, name, end = _read_global_name(data, op, pos)
+                if not allow_objects:
+                    raise _calls_rejected(op, pos, "would call %s.%s" % (module, name))
+                args = tuple(stack)
+                stack = metastack.pop()
+                value = _PickledObject(_PickledGlobal(module, name), args)
+                containers += 1
+                globals_seen = True
+                pos = end
+            elif op == 0x6F:  # OBJ
+                items = stack
+                stack = metastack.pop()
+                if not items:
+                    raise _error(op, pos, "needs a class after MARK")
+                if not allow_objects:
+                    raise _calls_rejected(op, pos, "would call %s" % _describe_callable(items[0]))
+                value = _PickledObject(items[0], tuple(items[1:]))
+                containers += 1
+                pos += 1
+            elif op == 0x92:  # NEWOBJ_EX
+                kwargs = stack.pop()
+                args = stack.pop()
+                cls = stack.pop()
+                if not allow_objects:
+                    raise _calls_rejected(op, pos, "would call %s" % _describe_callable(cls))
+                if type(args) is not tuple or type(kwargs) is not dict:
+                    raise _error(op, pos, "needs a tuple of arguments and a dict of keyword arguments, "
+                                 "not %s and %s" % (type(args).__name__, type(kwargs).__name__))
+                value = _PickledObject(cls, args, kwargs)
+                containers += 1
+                pos += 1
+            elif op == 0x50 or op == 0x51:  # PERSID, BINPERSID
+                raise _error(op, pos, "refers to a persistent ID, which only the pickling application "
+                             "can resolve; persistent IDs are not supported")
+            elif op == 0x82 or op == 0x83 or op == 0x84:  # EXT1, EXT2, EXT4
+                raise _error(op, pos, "refers to the copyreg extension registry, which names a global "
+                             "outside the pickle; extension codes are not supported")
+            elif op == 0x97 or op == 0x98:  # NEXT_BUFFER, READONLY_BUFFER
+                raise _error(op, pos, "uses a protocol 5 out-of-band buffer, which is not supported")
+            else:
+                raise _unknown(op, pos)
+
+            stack.append(value)
+            # Protocols 4 and 5 write MEMOIZE, and protocols 1 to 3 BINPUT,
+            # after most pushed values; storing it here saves a dispatch round.
+            op = data[pos]
+            if op == 0x94:
+                memoize(value)
+                pos += 1
+            elif op == 0x71 and pos + 1 < size and data[pos + 1] == len(memo):
+                memoize(value)
+                pos += 2
+
+        # STOP: the pickle must hold exactly one value and end here.
+        if metastack:
+            raise _error(op, pos, "leaves %d MARK(s) unclosed" % len(metastack))
+        if len(stack) != 1:
+            raise _error(op, pos, "expects exactly one value on the stack, found %d" % len(stack))
+        if pos + 1 != size:
+            raise _error(op, pos, "is followed by %d more bytes; a pickle must end at STOP" % (size - pos - 1))
+        result = stack[0]
+        if shared or globals_seen or containers > max_depth:
+            _check_result(result, allow_objects, max_depth, size)
+        return result
+
+    except _PickleDecodeError:
+        raise
+    except _NestingError as exc:
+        raise _error(op, pos, str(exc)) from None
+    except IndexError:
+        if pos >= size:
+            raise _PickleDecodeError("pickle data ends at byte offset %d without a STOP opcode" % size) from None
+        if op in _ONE_BYTE_ARGUMENT and pos + 2 > size:
+            raise _truncated(op, pos, 1, 0) from None
+        if op in _MEMO_READS:
+            raise _error(op, pos, "refers to a memo key that is not defined (the memo has %d entries)"
+                         % len(memo)) from None
+        raise _error(op, pos, "causes a stack underflow: it needs more values than the stack "
+                     "holds since the last MARK, or a MARK that is missing") from None
+    except struct.error:
+        raise _error(op, pos, "is truncated: its fixed-size argument runs past the end of the data") from None
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise _error(op, pos, "has an invalid argument or operand: %s" % exc) from None
+    except (MemoryError, RecursionError) as exc:
+        raise _error(op, pos, "exhausted resources: %s" % type(exc).__name__) from None
+
+
+def _check_protocol(data, pos):
+    """Raise _PickleDecodeError if the PROTO opcode at pos declares an unknown protocol."""
+    protocol = data[pos + 1]
+    if protocol > _HIGHEST_PROTOCOL:
+        raise _error(0x80, pos, "declares protocol %d, but only protocols 0 to %d exist"
+                     % (protocol, _HIGHEST_PROTOCOL))
+
+
+def _check_frame(data, pos, size):
+    """Raise _PickleDecodeError if the FRAME opcode at pos claims more bytes than remain."""
+    length = _unpack_uint64(data, pos + 1)[0]
+    if pos + 9 + length > size:
+        raise _truncated(0x95, pos, length, size - pos - 9)
+
+
+def _put(memo, index, value, op, pos):
+    """Store value under memo key index for a PUT, BINPUT or LONG_BINPUT opcode at pos."""
+    if index < len(memo):
+        memo[index] = value
+    elif index == len(memo):
+        memo.append(value)
+    else:
+        raise _error(op, pos, "stores memo key %d while the memo has %d entries; CPython's picklers "
+                     "number memo keys in order" % (index, len(memo)))
+
+
+def _parse_memo_key(data, op, pos, end):
+    """Return the memo key of the GET or PUT opcode at pos, whose text ends at end."""
+    line = data[pos + 1:end]
+    if len(line) > _MAX_TEXT_DIGITS:
+        raise _error(op, pos, "has %d digits; at most %d are accepted" % (len(line), _MAX_TEXT_DIGITS))
+    key = int(line)
+    if key < 0:
+        raise _error(op, pos, "has a negative memo key %d" % key)
+    return key
+
+
+def _error(op, start, problem):
+    """Return a _PickleDecodeError naming op and its byte offset."""
+    name = _OPCODE_NAMES.get(op) or "unknown opcode 0x%02x" % op
+    return _PickleDecodeError("%s at byte offset %d %s" % (name, start, problem))
+
+
+def _truncated(op, start, needed, available):
+    return _error(op, start, "is truncated: its argument needs %d bytes but %d remain"
+                  % (needed, max(available, 0)))
+
+
+def _unknown(op, start):
+    return _PickleDecodeError("unknown opcode 0x%02x at byte offset %d; the data is not a pickle "
+                             "of protocol 0 to %d" % (op, start, _HIGHEST_PROTOCOL))
+
+
+def _wrong_target(op, start, expected, target):
+    return _error(op, start, "needs %s below its operands, not %s" % (expected, type(target).__name__))
+
+
+def _calls_rejected(op, start, action):
+    return _error(op, start, "%s, which plain-data decoding rejects; use allow_objects=True "
+                  "to read it as an inert record" % action)
+
+
+def _describe_callable(value):
+    if type(value) is _PickledGlobal:
+        return "%s.%s" % (value.module, value.name)
+    return "a value of type %s" % type(value).__name__
+
+
+def _find_line_end(data, op, pos):
+    """Return the offset of the newline ending the text argument of the opcode at pos."""
+    end = data.find(b"\n", pos + 1)
+    if end < 0:
+        raise _error(op, pos, "is truncated: its text argument has no terminating newline")
+    return end
+
+
+def _read_global_name(data, op, pos):
+    """Return the module and name lines of the GLOBAL or INST opcode at pos, and the next offset."""
+    module_end = _find_line_end(data, op, pos)
+    name_end = data.find(b"\n", module_end + 1)
+    if name_end < 0:
+        raise _error(op, pos, "is truncated: its name has no terminating newline")
+    module = data[pos + 1:module_end].decode("utf-8")
+    name = data[module_end + 1:name_end].decode("utf-8")
+    return module, name, name_end + 1
+
+
+def _global(op, start, module, name, allow_objects):
+    """Return the reference that GLOBAL or STACK_GLOBAL pushes for module.name."""
+    if not allow_objects and (module, name) not in _PLAIN_CONSTRUCTORS:
+        raise _error(op, start, "names %s.%s, but plain-data decoding admits only %s; use "
+                     "allow_objects=True to read it as an inert reference"
+                     % (module, name, _PLAIN_CONSTRUCTOR_NAMES))
+    return _PickledGlobal(module, name)
+
+
+def _is_plain_constructor(func):
+    return type(func) is _PickledGlobal and (func.module, func.name) in _PLAIN_CONSTRUCTORS
+
+
+def _reduce(op, start, func, args, allow_objects):
+    """Return the value that REDUCE leaves for func(*args), calling nothing the pickle names."""
+    constructor = None
+    if type(func) is _PickledGlobal:
+        constructor = _PLAIN_CONSTRUCTORS.get((func.module, func.name))
+    if constructor is None:
+        if allow_objects:
+            return _PickledObject(func, args)
+        raise _calls_rejected(op, start, "would call %s" % _describe_callable(func))
+    try:
+        return constructor(args)
+    except ValueError as exc:
+        raise _error(op, start, "calls %s.%s with invalid arguments: %s" % (func.module, func.name, exc)) from None
+
+
+_STRING_ESCAPE = re.compile(rb"\\(x[0-9A-Fa-f]{2}|[0-7]{1,3}|[\s\S]?)")
+
+_SIMPLE_ESCAPES = {
+    b"\n": b"", b"\\": b"\\", b"'": b"'", b'"': b'"', b"a": b"\a", b"b": b"\b",
+    b"f": b"\f", b"n": b"\n", b"r": b"\r", b"t": b"\t", b"v": b"\v",
+}
+
+
+def _unescape_string(text):
+    """Undo the Python 2 repr escapes of a STRING argument.
+
+    This replaces codecs.escape_decode, which pickle uses, because that
+    function warns on unknown escapes and is not a documented API.
+    """
+    return _STRING_ESCAPE.sub(_replace_escape, text)
+
+
+def _replace_escape(match):
+    escape = match.group(1)
+    if not escape:
+        raise ValueError("STRING argument ends in a lone backslash")
+    first = escape[:1]
+    if first == b"x":
+        if len(escape) != 3:
+            raise ValueError("STRING argument has an invalid \\x escape")
+        return bytes((int(escape[1:], 16),))
+    if first in b"01234567":
+        code = int(escape, 8)
+        if code > 0xFF:
+            raise ValueError("STRING argument has an octal escape above \\377")
+        return bytes((code,))
+    return _SIMPLE_ESCAPES.get(escape, b"\\" + escape)
+
+
+def _check_keys(guard, keys, max_depth, size):
+    """Check dict keys or set items before they are hashed, and return the _KeyGuard in use."""
+    if guard is None:
+        guard = _KeyGuard(max_depth, size)
+    for key in keys:
+        if type(key) is tuple:
+            guard.check_tuple(key)
+    return guard
+
+
+class _KeyGuard:
+    """Limits on hashing tuple keys for one decode.
+
+    hash() and == walk nested tuples recursively in C, without a depth check
+    and without caching the result, so a deep tuple crashes the interpreter
+    and a tuple that refers twice to the level below takes exponential time.
+    Each tuple key may nest at most max_depth tuples, and all tuple keys
+    together may expand (shared parts counted each time) to at most
+    2**20 + 16 * len(data) items, an estimate of the hashing work.
+
+    NOTE: int keys are not charged, although hashing an int takes time in
+    proportion to its size and is not cached, so a huge int reused as a key
+    through the memo costs that time per insertion. Keys with colliding
+    hashes (crafted ints) also make insertion quadratic, as in pickle.
+    """
+
+    __slots__ = ("max_depth", "budget", "cache")
+
+    def __init__(self, max_depth, size):
+        self.max_depth = max_depth
+        self.budget = (1 << 20) + 16 * size
+        self.cache = {}
+
+    def check_tuple(self, key):
+        """Charge the cost of hashing key, and raise _NestingError if it exceeds the limits."""
+        try:
+            items = _measure_nesting(key, _tuple_children, self.max_depth, self.budget, self.cache, False)[1]
+        except _WalkLimit as exc:
+            if str(exc) == "depth":
+                raise _NestingError("has a tuple key nested deeper than max_depth=%d, which hash() "
+                                    "cannot walk safely" % self.max_depth) from None
+            items = self.budget
+        self.budget -= items + 1
+        if self.budget < 0:
+            raise _NestingError("has tuple keys that together expand to too many items to hash "
+                                "in reasonable time")
+
+
+def _check_result(result, allow_objects, max_depth, size):
+    """Raise _NestingError if the decoded result is too deep, too large when expanded, or cyclic.
+
+    With allow_objects, records and their fields are walked too. A reference
+    back to a value still being walked counts as a leaf there, because
+    pickled objects such as configparser.ConfigParser refer back to
+    themselves.
+
+    Without allow_objects, a cycle is an error. The result may also expand
+    to at most 2**20 + 16 * len(data) items when shared values are counted
+    each time they are reached. A tree never exceeds that, but consumers
+    such as json.dumps walk a shared value once per reference.
+    """
+    max_items = (1 << 20) + 16 * size
+    try:
+        if allow_objects:
+            _measure_nesting(result, _object_children, max_depth, None, {}, True)
+        else:
+            _measure_nesting(result, _plain_children, max_depth, max_items, {}, False)
+    except _WalkLimit as exc:
+        if str(exc) == "depth":
+            raise _NestingError("finishes a value nested deeper than max_depth=%d; pass a larger "
+                                "max_depth only if such deep data is expected" % max_depth) from None
+        if str(exc) == "items":
+            raise _NestingError("finishes a value whose shared references expand to more than %d "
+                                "items" % max_items) from None
+        raise _NestingError("finishes a value that contains itself (a reference cycle), which "
+                            "plain data cannot have") from None
+
+
+def _tuple_children(value):
+    return value if type(value) is tuple else None
+
+
+def _plain_children(value):
+    kind = type(value)
+    if kind is list or kind is tuple or kind is set or kind is frozenset:
+        return value
+    if kind is dict:
+        return itertools.chain.from_iterable(value.items())
+    if kind is _PickledGlobal:
+        raise _NestingError("finishes a value that contains the global %s.%s itself; plain-data "
+                            "decoding admits that global only as the function of a REDUCE call"
+                            % (value.module, value.name))
+    return None
+
+
+def _object_children(value):
+    kind = type(value)
+    if kind is list or kind is tuple or kind is set or kind is frozenset:
+        return value
+    if kind is dict:
+        return itertools.chain.from_iterable(value.items())
+    if kind is _PickledObject:
+        return (value.cls, value.args, value.kwargs, value.state, value.listitems, value.dictitems)
+    return None
+
+
+def _measure_nesting(root, children_of, max_depth, max_items, done, allow_cycles):
+    """Return the nesting height and expanded item count of root, walking iteratively.
+
+    children_of returns an iterable of a container's values (dict keys
+    included) or None for a leaf. done caches finished containers by id,
+    together with the container so that the id stays valid, so each shared
+    container is walked once.
+
+    Raise _WalkLimit("depth") if root nests more than max_depth containers,
+    _WalkLimit("items") if it expands to more than max_items items (None
+    means no limit), and _WalkLimit("cycle") if it contains itself, unless
+    allow_cycles is true.
+    """
+    kids = children_of(root)
+    if kids is None:
+        return 0, 0
+    entry = done.get(id(root))
+    if entry is not None:
+        return entry[1], entry[2]
+    on_path = {id(root)}
+    # Each frame is [container, iterator over its values, tallest child height, items so far].
+    path = [[root, iter(kids), 0, 0]]
+    while path:
+        frame = path[-1]
+        descended = False
+        for child in frame[1]:
+            frame[3] += 1
+            kids = children_of(child)
+            if kids is None:
+                continue
+            child_id = id(child)
+            entry = done.get(child_id)
+            if entry is None:
+                if child_id in on_path:
+                    if allow_cycles:
+                        continue
+                    raise _WalkLimit("cycle")
+                if len(path) >= max_depth:
+                    raise _WalkLimit("depth")
+                on_path.add(child_id)
+                path.append([child, iter(kids), 0, 0])
+                descended = True
+                break
+            if len(path) + entry[1] > max_depth:
+                raise _WalkLimit("depth")
+            if entry[1] > frame[2]:
+                frame[2] = entry[1]
+            frame[3] += entry[2]
+            if max_items is not None and frame[3] > max_items:
+                raise _WalkLimit("items")
+        if descended:
+            continue
+        path.pop()
+        node, _, tallest, items = frame
+        on_path.discard(id(node))
+        done[id(node)] = (node, tallest + 1, items)
+        if path:
+            parent = path[-1]
+            if tallest + 1 > parent[2]:
+                parent[2] = tallest + 1
+            parent[3] += items
+            if max_items is not None and parent[3] > max_items:
+                raise _WalkLimit("items")
+    entry = done[id(root)]
+    return entry[1], entry[2]
+
+
+# ---------------------------------------------------------------------------
+# Legacy configs and strategies
+
+
+# Modules whose globals a pickled strategy may name: AEPsych's own, the
+# libraries its strategies are built from, and the standard containers.
+# Anything else (os, subprocess, builtins.eval, ...) has no place in a
+# strategy, so such a row is reported as unreadable rather than returned.
+_STRATEGY_MODULES = frozenset((
+    "aepsych", "torch", "botorch", "gpytorch", "linear_operator", "numpy", "scipy",
+    "collections", "copyreg", "_codecs", "io", "_io",
+))
+_STRATEGY_BUILTINS = frozenset(("dict", "list", "set", "frozenset", "tuple", "bytearray", "bytes",
+                                "int", "float", "complex", "bool", "slice", "range", "object"))
+_BYTESIO_CLASSES = (_PickledGlobal("_io", "BytesIO"), _PickledGlobal("io", "BytesIO"))
+
+
+def _decode_legacy_object(conn, data, table, row_id):
+    try:
+        return _decode_pickle(data, allow_objects=True)
+    except _PickleDecodeError as error:
+        raise UnreadableRowError(
+            "{}: {} row {} holds a pickle that cannot be read as data: {}".format(conn.path, table, row_id, error),
+            table=table,
+            row_id=row_id,
+        ) from error
+
+
+def _named_globals(root):
+    """Return every _PickledGlobal reachable from a decoded pickle, walking cycles once."""
+    found = set()
+    seen = set()
+    pending = [root]
+    while pending:
+        value = pending.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if type(value) is _PickledGlobal:
+            found.add(value)
+        elif type(value) is _PickledObject:
+            pending.extend((value.cls, value.args, value.kwargs, value.state, value.listitems, value.dictitems))
+        elif type(value) is dict:
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif type(value) in (list, tuple, set, frozenset):
+            pending.extend(value)
+    return found
+
+
+def _bytes_from_pickled_bytesio(conn, data, row_id):
+    """Return the bytes inside a legacy pickled io.BytesIO, or None for another legacy strategy."""
+    value = _decode_legacy_object(conn, data, "strat_data", row_id)
+    if type(value) is _PickledObject and value.cls in _BYTESIO_CLASSES:
+        state = value.state
+        if type(state) is tuple and state and type(state[0]) in (bytes, bytearray):
+            return bytes(state[0])
+    for name in _named_globals(value):
+        module = name.module.split(".")[0]
+        allowed = (
+            module in _STRATEGY_MODULES
+            or module in ("builtins", "__builtin__") and name.name in _STRATEGY_BUILTINS
+        )
+        if not allowed:
+            raise UnreadableRowError(
+                "{}: strat_data row {} is a pickle that names {}.{}, which a strategy has no use for;"
+                " the row may be hostile, so it is not returned (nothing in it was run)".format(
+                    conn.path, row_id, name.module, name.name
+                ),
+                table="strat_data",
+                row_id=row_id,
+            )
+    return None
+
+
+def _ini_from_pickled_config(conn, data, row_id):
+    """Rebuild the INI text of a legacy pickled ConfigParser (such as aepsych.config.Config)."""
+    value = _decode_legacy_object(conn, data, "config_data", row_id)
+    state = value.state if type(value) is _PickledObject else None
+    sections = _plain_mapping(state.get("_sections")) if type(state) is dict else None
+    defaults = _plain_mapping(state.get("_defaults", {})) if type(state) is dict else None
+    if sections is None or defaults is None:
+        raise UnreadableRowError(
+            "{}: config_data row {} holds a pickle of {} without the sections of a ConfigParser;"
+            " load it with AEPsych if you trust the file".format(conn.path, row_id, _describe_value(value)),
+            table="config_data",
+            row_id=row_id,
+        )
+    default_section = state.get("default_section")
+    if type(default_section) is not str:
+        default_section = "DEFAULT"
+
+    parser = configparser.ConfigParser(interpolation=None, default_section=default_section, allow_no_value=True)
+    parser.optionxform = str
+    try:
+        for option, option_value in defaults.items():
+            parser.set(default_section, _config_string(option), _config_value(option_value))
+        for section, options in sections.items():
+            options = _plain_mapping(options)
+            if options is None:
+                raise ValueError("section {!r} is not a mapping of options".format(section))
+            parser.add_section(_config_string(section))
+            for option, option_value in options.items():
+                parser.set(section, _config_string(option), _config_value(option_value))
+    except (ValueError, configparser.Error) as error:
+        raise UnreadableRowError(
+            "{}: config_data row {} holds a config that cannot be written as INI: {}".format(conn.path, row_id, error),
+            table="config_data",
+            row_id=row_id,
+        ) from error
+    buffer = io.StringIO()
+    parser.write(buffer)
+    return buffer.getvalue()
+
+
+def _plain_mapping(value):
+    """Return a dict for a decoded dict or OrderedDict record, else None."""
+    if type(value) is dict:
+        return value
+    if type(value) is _PickledObject and value.cls == _PickledGlobal("collections", "OrderedDict"):
+        items = value.dictitems
+        return dict(items) if type(items) is dict else dict(items)
+    return None
+
+
+def _config_string(value):
+    if type(value) is not str:
+        raise ValueError("a section or option name is {}, not text".format(_describe_value(value)))
+    return value
+
+
+def _config_value(value):
+    if value is None or type(value) is str:
+        return value
+    raise ValueError("an option value is {}, not text".format(_describe_value(value)))
+
+
+# ---------------------------------------------------------------------------
+# Trials: how a tell becomes rows of raw_data, param_data and outcome_data
+
+_Trial = collections.namedtuple("_Trial", "params outcomes")
+
+
+def _trial_layout(config_str):
+    """Return (parnames, stimuli_per_trial) from a setup's [common] section.
+
+    parnames is None when the config does not name the parameters; then a
+    tell's own config keys, in their order, are the parameters.
+    """
+    parser = configparser.ConfigParser(interpolation=None, default_section=_NO_DEFAULT_SECTION)
+    parser.read_string(config_str)
+    if not parser.has_section("common"):
+        return None, 1
+    common = parser["common"]
+    parnames = None
+    if "parnames" in common:
+        # AEPsych writes lists as [a, b] and reads them by splitting on commas.
+        parnames = [name.strip() for name in common["parnames"].strip().strip("[]").split(",") if name.strip()]
+    try:
+        stimuli_per_trial = int(common.get("stimuli_per_trial", "1"))
+    except ValueError:
+        raise ValueError("[common] stimuli_per_trial is {!r}, not a whole number".format(common["stimuli_per_trial"]))
+    if stimuli_per_trial < 1:
+        raise ValueError("[common] stimuli_per_trial is {}, but must be at least 1".format(stimuli_per_trial))
+    return parnames, stimuli_per_trial
+
+
+def _is_scalar(value):
+    return isinstance(value, (int, float, str))
+
+
+def _describe_shape(value, depth=0):
+    """Describe the shape of a JSON value in words, such as 'a list of 2 lists of 3 numbers'."""
+    if isinstance(value, bool):
+        return "a bool"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a str"
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        if depth >= 2:
+            return "a dict"
+        return "a dict of {{{}}}".format(
+            ", ".join("{}: {}".format(key, _describe_shape(item, depth + 1)) for key, item in list(value.items())[:8])
+        )
+    if isinstance(value, list):
+        if not value:
+            return "an empty list"
+        shapes = sorted({_describe_shape(item, depth + 1) for item in value[:50]})
+        return "a list of {} ({})".format(len(value), " or ".join(shapes)) if depth < 3 else "a list"
+    return "a {}".format(type(value).__name__)
+
+
+def _number(value, what):
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)):
+        return float(value)
+    raise ValueError("{} is {}, not a number".format(what, _describe_shape(value)))
+
+
+def _trials_from_tell(message, parnames, stimuli_per_trial):
+    """Split a tell's message into trials; raise ValueError that shows a shape it cannot split."""
+    if not isinstance(message, dict):
+        raise ValueError("the tell's message is {}, not a dict with config and outcome".format(_describe_shape(message)))
+    config = message.get("config")
+    if not isinstance(config, dict) or not config:
+        raise ValueError("the tell's config is {}, not a dict of parameter values".format(_describe_shape(config)))
+    if "outcome" not in message:
+        raise ValueError("the tell has no outcome")
+    names = [name for name in (parnames or ()) if name in config]
+    names += [name for name in config if name not in names]
+
+    if stimuli_per_trial == 1:
+        columns = {name: _single_stimulus_values(config[name], name) for name in names}
+    else:
+        columns = {name: _multi_stimulus_values(config[name], name, stimuli_per_trial) for name in names}
+    counts = {len(values) for values in columns.values()}
+    if len(counts) != 1:
+        raise ValueError(
+            "the tell's parameters give different numbers of trials: {}".format(
+                ", ".join("{} is {}".format(name, _describe_shape(config[name])) for name in names)
+            )
+        )
+    (count,) = counts
+    outcomes = _outcomes_per_trial(message["outcome"], count, stimuli_per_trial)
+
+    trials = []
+    for index in range(count):
+        params = []
+        for name in names:
+            value = columns[name][index]
+            if stimuli_per_trial == 1:
+                params.append((name, value))
+            else:
+                params.extend(("{}_stimuli{}".format(name, j), item) for j, item in enumerate(value))
+        trials.append(_Trial(params, outcomes[index]))
+    return trials
+
+
+def _single_stimulus_values(value, name):
+    if _is_scalar(value):
+        return [value]
+    if isinstance(value, list) and value and all(_is_scalar(item) for item in value):
+        return value
+    raise ValueError("parameter {} is {}; one stimulus per trial needs a value or a list of values".format(
+        name, _describe_shape(value)))
+
+
+def _multi_stimulus_values(value, name, stimuli):
+    if isinstance(value, list) and len(value) == stimuli and all(_is_scalar(item) for item in value):
+        return [value]
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(trial, list) and len(trial) == stimuli and all(_is_scalar(item) for item in trial) for trial in value)
+    ):
+        return value
+    raise ValueError(
+        "parameter {} is {}; {} stimuli per trial need a list of {} values or a list of such lists".format(
+            name, _describe_shape(value), stimuli, stimuli
+        )
+    )
+
+
+def _outcomes_per_trial(outcome, count, stimuli_per_trial):
+    """Return one list of (outcome_name, value) pairs per trial."""
+    if isinstance(outcome, dict):
+        # A multi-outcome experiment: one row per outcome name.
+        per_name = {name: _outcome_values(value, count, "outcome {}".format(name)) for name, value in outcome.items()}
+        return [[(name, values[index]) for name, values in per_name.items()] for index in range(count)]
+    if count == 1:
+        if isinstance(outcome, list) and len(outcome) == 1 and stimuli_per_trial == 1:
+            return [[("outcome", _number(outcome[0], "the outcome"))]]
+        if isinstance(outcome, list) and stimuli_per_trial > 1:
+            return [[("outcome_{}".format(j), _number(item, "the outcome")) for j, item in enumerate(outcome)]]
+        return [[("outcome", _number(outcome, "the outcome"))]]
+    if not isinstance(outcome, list) or len(outcome) != count:
+        raise ValueError("the tell has {} trials but its outcome is {}".format(count, _describe_shape(outcome)))
+    trials = []
+    for item in outcome:
+        if isinstance(item, list):
+            trials.append([("outcome_{}".format(j), _number(value, "the outcome")) for j, value in enumerate(item)])
+        else:
+            trials.append([("outcome", _number(item, "the outcome"))])
+    return trials
+
+
+def _outcome_values(value, count, what):
+    if isinstance(value, list):
+        if len(value) != count:
+            raise ValueError("{} is {} for {} trials".format(what, _describe_shape(value), count))
+        return [_number(item, what) for item in value]
+    if count != 1:
+        raise ValueError("{} is {} for {} trials".format(what, _describe_shape(value), count))
+    return [_number(value, what)]
+
+
+_DEFAULT_LAYOUT = (None, 1)
+
+
+def _layout_of_setup(contents):
+    """Return (parnames, stimuli_per_trial) of a setup message, or the default for a setup without them."""
+    message = contents.get("message") if isinstance(contents, dict) else None
+    config_str = message.get("config_str") if isinstance(message, dict) else None
+    if not isinstance(config_str, str):
+        return _DEFAULT_LAYOUT
+    try:
+        return _trial_layout(config_str)
+    except (configparser.Error, ValueError) as error:
+        # NOTE: tells of a setup whose [common] cannot be read are split as one stimulus per trial.
+        logger.warning("setup config unreadable, tells are split as one stimulus per trial: %s", error)
+        return _DEFAULT_LAYOUT
+
+
+def _experiment_layout(conn, master_id):
+    """Return the trial layout of an experiment's latest setup, cached on the connection."""
+    layout = conn.trial_layouts.get(master_id)
+    if layout is None:
+        row = _execute(conn, _SELECT_LATEST_SETUP, (master_id,)).fetchone()
+        layout = _DEFAULT_LAYOUT
+        if row is not None:
+            layout = _layout_of_setup(_decode_stored(conn, row[1], "replay_data", "message_contents", row[0]))
+        conn.trial_layouts[master_id] = layout
+    return layout
+
+
+def _prepare_trials(contents, layout):
+    """Return (trials, model_data, extra_data JSON) of a tell, or raise ValueError naming the problem."""
+    message = contents.get("message") if isinstance(contents, dict) else None
+    if not isinstance(message, dict):
+        raise ValueError("the tell has no message dict; it is {}".format(_describe_shape(contents)))
+    parnames, stimuli_per_trial = layout
+    trials = _trials_from_tell(message, parnames, stimuli_per_trial)
+    model_data = message.get("model_data", True)
+    if not isinstance(model_data, bool):
+        raise ValueError("the tell's model_data is {}, not true or false".format(_describe_shape(model_data)))
+    extra = _trial_extra_data(contents, message)
+    extra_text = None
+    if extra:
+        extra_text, reason = _exact_json(extra)
+        if extra_text is None:
+            raise ValueError("the tell's extra data cannot be stored: {}".format(reason))
+    return trials, model_data, extra_text
+
+
+def _write_trials(conn, master_id, timestamp, prepared):
+    """Insert prepared trials of one tell; return how many. The caller owns the transaction."""
+    trials, model_data, extra_text = prepared
+    for trial in trials:
+        trial_id = _execute(conn, _INSERT_TRIAL, (timestamp, model_data, extra_text, master_id)).lastrowid
+        conn.executemany(_INSERT_PARAM, [(name, _param_text(value), trial_id) for name, value in trial.params])
+        conn.executemany(_INSERT_OUTCOME, [(name, value, trial_id) for name, value in trial.outcomes])
+    return len(trials)
+
+
+def _param_text(value):
+    # param_value is text, as in AEPsych's files; repr of a float reads back exactly.
+    return value if isinstance(value, str) else repr(value)
+
+
+def _trial_extra_data(contents, message):
+    """Collect a tell's extra_info and the message keys besides config, outcome and model_data."""
+    extra = {}
+    if isinstance(contents, dict) and isinstance(contents.get("extra_info"), dict):
+        extra.update(contents["extra_info"])
+    for key, value in message.items():
+        if key not in ("config", "outcome", "model_data"):
+            extra[key] = value
+    return extra
 
 
 # ---------------------------------------------------------------------------

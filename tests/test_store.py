@@ -135,7 +135,7 @@ def test_record_message_extra_info_from_message(conn):
 
 def test_record_message_json_readable_in_sql(conn):
     master_id = aepsych_store.record_setup(conn)
-    aepsych_store.record_message(conn, master_id, "tell", {"message": {"outcome": 0.75}})
+    aepsych_store.record_message(conn, master_id, "tell", {"message": {"config": {"x": 1}, "outcome": 0.75}})
     (outcome,) = conn.execute("SELECT json_extract(message_contents, '$.message.outcome') FROM replay_data").fetchone()
     assert outcome == 0.75
 

@@ -62,18 +62,22 @@ def test_upgrade_built_file_matches_fresh_schema(tmp_path, generation):
     assert schema_of(path) == fresh_schema(tmp_path)
 
 
-def test_upgrade_2025_keeps_trial_tables(tmp_path):
+def test_upgrade_2025_keeps_trial_rows(tmp_path):
     path = build_legacy_file(tmp_path / "legacy.db", "2025")
-    before = {table: table_rows(path, table) for table in ("raw_data", "param_data", "outcome_data")}
+    raw = table_rows(path, "raw_data")
+    params = table_rows(path, "param_data")
+    outcomes = table_rows(path, "outcome_data")
     upgraded(path).close()
 
-    objects, columns, foreign_keys = schema_of(path)
-    fresh_objects, fresh_columns, _ = fresh_schema(tmp_path)
-    for table in ("raw_data", "param_data", "outcome_data"):
-        assert table_rows(path, table) == before[table]
-    assert foreign_keys["raw_data"][0][2:5] == ("master", "master_table_id", "unique_id")
-    assert [o for o in objects if o[2] not in before] == fresh_objects
-    assert {t: c for t, c in columns.items() if t not in before} == fresh_columns
+    assert schema_of(path) == fresh_schema(tmp_path)
+    after = table_rows(path, "raw_data")
+    # Experiment 1 keeps its one AEPsych trial, which gains an empty
+    # extra_data column; experiment 2 had none and gains its two tells.
+    assert [(r[0], r[1], r[2], r[4]) for r in after[:1]] == raw
+    assert after[0][3] is None
+    assert [r[4] for r in after[1:]] == [2, 2]
+    assert table_rows(path, "param_data")[:1] == params
+    assert table_rows(path, "outcome_data")[:1] == outcomes
 
 
 @pytest.mark.parametrize("name", LEGACY_FILES)
@@ -211,8 +215,8 @@ def test_upgrade_failing_step_leaves_file_unchanged(tmp_path, monkeypatch):
     path = build_legacy_file(tmp_path / "legacy.db", "2022")
     before = path.read_bytes()
 
-    def broken_step(conn):
-        aepsych_store._upgrade_to_1(conn)
+    def broken_step(conn, report):
+        aepsych_store._upgrade_to_1(conn, report)
         raise aepsych_store.StoreError("simulated failure after the rebuild")
 
     monkeypatch.setattr(aepsych_store, "_UPGRADE_STEPS", ((1, broken_step),))
