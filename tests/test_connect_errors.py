@@ -329,7 +329,12 @@ def test_connect_upgrade_built(tmp_path, generation):
     assert [row[:3] for row in replay_rows(path)] == [row[:3] for row in rows_before]
     if generation == "2025":
         conn = sqlite3.connect(str(path))
-        assert conn.execute("SELECT * FROM param_data").fetchall() == [(1, "x1", "0.5", 1)]
+        # Experiment 1 keeps its AEPsych trial; experiment 2 gains its two tells.
+        assert conn.execute("SELECT * FROM param_data").fetchall() == [
+            (1, "x1", "0.5", 1),
+            (2, "x1", "0.5", 2),
+            (3, "x1", "0.25", 3),
+        ]
         conn.close()
 
 
