@@ -25,6 +25,7 @@ import sqlite3
 import struct
 import sys
 import sysconfig
+from time import monotonic as _monotonic
 import tempfile
 import uuid
 import weakref
@@ -141,6 +142,19 @@ SELECT m.unique_id, m.experiment_id, m.experiment_name, m.experiment_description
         ORDER BY r.unique_id DESC LIMIT 1)
 FROM master m ORDER BY m.unique_id
 """
+_SELECT_LEGACY_CONFIGS = "SELECT unique_id, config FROM config_data WHERE typeof(config) = 'blob'"
+_SELECT_LEGACY_STRATS = (
+    "SELECT unique_id, strat FROM strat_data WHERE typeof(strat) = 'blob'"
+    " AND strat_format IS NOT 'bytes'"
+)
+_SELECT_ORPHANS = (
+    "SELECT 'replay_data', unique_id, master_table_id FROM replay_data"
+    " WHERE master_table_id NOT IN (SELECT unique_id FROM master)"
+    " UNION ALL SELECT 'strat_data', unique_id, master_table_id FROM strat_data"
+    " WHERE master_table_id NOT IN (SELECT unique_id FROM master)"
+    " UNION ALL SELECT 'config_data', unique_id, master_table_id FROM config_data"
+    " WHERE master_table_id NOT IN (SELECT unique_id FROM master)"
+)
 _SELECT_USER_TABLES = (
     "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'"
 )
@@ -616,6 +630,22 @@ def _upgrade_to_2(conn, report):
             report.progress(len(rows))
         if converted:
             report.changes.append("version 2: {}.{}: converted {} pickles to JSON".format(table, column, converted))
+    _check_legacy_payloads(conn, report)
+
+
+def _check_legacy_payloads(conn, report):
+    """List legacy configs and strategies that cannot be read; they stay as they are."""
+    checks = (
+        ("config_data", "config", _SELECT_LEGACY_CONFIGS, _ini_from_pickled_config),
+        ("strat_data", "strat", _SELECT_LEGACY_STRATS, _bytes_from_pickled_bytesio),
+    )
+    for table, column, sql, read in checks:
+        for unique_id, blob in _execute(conn, sql):
+            try:
+                read(conn, blob, unique_id)
+            except UnreadableRowError as error:
+                report.unreadable.append((table, column, unique_id, str(error)))
+                logger.warning("%s", error)
 
 
 # Columns that AEPsych filled with pickles of plain data.
@@ -823,6 +853,10 @@ def run_upgrade_steps(conn, *, unchanged_since=None, report=None):
         finally:
             _execute(conn, "PRAGMA foreign_keys = ON")
     report.new_version = _read_version(conn)
+    for table, unique_id, master_id in _execute(conn, _SELECT_ORPHANS):
+        reason = "master_table_id {} points to no experiment".format(master_id)
+        report.unreadable.append((table, "master_table_id", unique_id, reason))
+        logger.warning("%s: %s row %d: %s; the row is kept as it is", conn.path, table, unique_id, reason)
     for change in report.changes:
         logger.info("%s: %s", conn.path, change)
     return report
@@ -2789,8 +2823,10 @@ def _build_parser():
         prog="python -m aepsych_store",
         description="Upgrade and inspect AEPsych experiment databases (SQLite files).",
         epilog=(
-            "Exit status: 0 on success, 1 when the file cannot be used (the message"
-            " says why and the file is left unchanged), 2 for a wrong command line."
+            "Exit status: 0 on success; 1 when the file cannot be used (the message"
+            " says why and the file is left unchanged); 2 for a wrong command line;"
+            " 3 when --update finished but some rows could not be read (they are"
+            " listed and kept as they were)."
         ),
     )
     action = parser.add_mutually_exclusive_group(required=True)
@@ -2837,19 +2873,29 @@ def main(argv=None):
 
     try:
         if args.update:
-            _print_upgrade(upgrade_file(db, backup=not args.no_backup, timeout=args.timeout))
-        else:
-            _print_summary(db, args.timeout)
+            progress = _TerminalProgress(db) if sys.stderr.isatty() else None
+            report = upgrade_file(db, backup=not args.no_backup, timeout=args.timeout, progress=progress)
+            if progress is not None:
+                progress.finish()
+            return _print_upgrade(report)
+        _print_summary(db, args.timeout)
     except StoreError as error:
         print("aepsych_store: error: {}".format(error), file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_ROWS_UNREADABLE = 3
 
 
 def _print_upgrade(report):
+    """Print an upgrade report and return the exit status it calls for."""
     if report.old_version == report.new_version:
         print("{}: already at schema version {}; nothing to do".format(report.path, report.new_version))
-        return
+        return EXIT_OK
     print("{}: upgraded from schema version {} to {}".format(report.path, report.old_version, report.new_version))
     if report.backup_path:
         print("backup of the old file: {}".format(report.backup_path))
@@ -2857,6 +2903,74 @@ def _print_upgrade(report):
         print("no backup made (--no-backup)")
     for change in report.changes:
         print("  " + change)
+    for heading, rows in (
+        ("kept as pickles, because JSON cannot hold them exactly", report.kept_as_pickle),
+        ("unreadable, kept byte for byte", report.unreadable),
+    ):
+        for (table, column, reason), ids in _group_rows(rows):
+            print("  {} {}.{} {}: rows {} ({})".format(
+                len(ids), table, column, heading, ", ".join(str(i) for i in ids), reason))
+    for unique_id, reason in report.skipped_tells:
+        print("  replay_data row {}: tell not split into trials: {}".format(unique_id, reason))
+    if report.unreadable:
+        print(
+            "{}: {} rows could not be read; they are listed above and kept as they were".format(
+                report.path, len(report.unreadable)
+            ),
+            file=sys.stderr,
+        )
+        return EXIT_ROWS_UNREADABLE
+    return EXIT_OK
+
+
+def _group_rows(rows):
+    """Group (table, column, row id, reason) tuples by everything but the row id."""
+    groups = collections.OrderedDict()
+    for table, column, unique_id, reason in rows:
+        # A reason names its row; drop that so equal problems group together.
+        reason = reason.replace("{} row {}".format(table, unique_id), "{} row".format(table))
+        groups.setdefault((table, column, reason), []).append(unique_id)
+    return groups.items()
+
+
+class _TerminalProgress:
+    """Show an upgrade's rows done, rate and estimated time left on a terminal's stderr."""
+
+    def __init__(self, path):
+        self.started = _monotonic()
+        self.shown = 0.0
+        self.total = None
+        self.path = path
+
+    def __call__(self, rows_done):
+        now = _monotonic()
+        if now - self.shown < 0.5:
+            return
+        self.shown = now
+        if self.total is None:
+            self.total = _estimate_upgrade_rows(self.path)
+        rate = rows_done / max(now - self.started, 1e-9)
+        left = max(self.total - rows_done, 0) / rate if rate and self.total else 0
+        sys.stderr.write("\r{:,} rows, {:,.0f} rows/s, about {:.0f} s left   ".format(rows_done, rate, left))
+        sys.stderr.flush()
+
+    def finish(self):
+        if self.shown:
+            sys.stderr.write("\n")
+
+
+def _estimate_upgrade_rows(path):
+    """Estimate how many rows an upgrade reads: each message once per data step."""
+    try:
+        conn = sqlite3.connect(Path(path).absolute().as_uri() + "?mode=ro", uri=True)
+        try:
+            (count,) = conn.execute("SELECT count(*) FROM replay_data").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None
+    # NOTE: an estimate: step 2 reads every pickled message and step 3 every tell, about half of them.
+    return count + count // 2
 
 
 def _print_summary(db, timeout):
