@@ -17,7 +17,6 @@ import io
 import itertools
 import json
 import logging
-import math
 import os
 import re
 import shutil
