@@ -597,7 +597,7 @@ def _rebuild_tables(conn, create_statements, layout):
 
 
 def _upgrade_to_2(conn, report):
-    """Rewrite legacy pickles as JSON text wherever JSON holds exactly the same value."""
+    """Rewrite legacy pickles as JSON text wherever JSON represents exactly the same value."""
     for table, column in _PICKLED_COLUMNS:
         converted = 0
         next_id = _MIN_ROWID
@@ -653,7 +653,7 @@ _CONVERSION_BATCH = 2000
 
 
 def _exact_json(value):
-    """Return (JSON text, None) if JSON holds exactly value, else (None, the reason)."""
+    """Return (JSON text, None) if JSON represents value exactly, else (None, the reason)."""
     try:
         text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
         text.encode("utf-8")
@@ -1264,7 +1264,7 @@ def _replay_segment(conn, master_id, first_id, skip_unreadable):
             bad_id = _find_undecodable_row(conn, master_id, first_id, error)
             before = _execute(conn, _SELECT_REPLAY_BEFORE, (master_id, first_id, bad_id))
             yield from _decode_replay_rows(conn, before, skip_unreadable)
-            message = "{}: replay_data row {} holds text that is not UTF-8".format(conn.path, bad_id)
+            message = "{}: replay_data row {} contains text that is not UTF-8".format(conn.path, bad_id)
             if not skip_unreadable:
                 raise UnreadableRowError(message, table="replay_data", row_id=bad_id) from error
             logger.warning("%s; skipped it", message)
@@ -1341,7 +1341,7 @@ def _strat_record(conn, row):
         return StratRecord(unique_id, timestamp, "bytes", strat)
     if not isinstance(strat, bytes):
         raise UnreadableRowError(
-            "{}: strat_data row {} holds a {}, not a pickle".format(conn.path, unique_id, type(strat).__name__),
+            "{}: strat_data row {} contains a {}, not a pickle".format(conn.path, unique_id, type(strat).__name__),
             table="strat_data",
             row_id=unique_id,
         )
@@ -1371,7 +1371,7 @@ def _config_text(conn, config, unique_id):
     if isinstance(config, bytes):
         return _ini_from_pickled_config(conn, config, unique_id)
     raise UnreadableRowError(
-        "{}: config_data row {} holds a {}, neither INI text nor a pickle".format(
+        "{}: config_data row {} contains a {}, neither INI text nor a pickle".format(
             conn.path, unique_id, type(config).__name__
         ),
         table="config_data",
@@ -2461,7 +2461,7 @@ def _decode_legacy_object(conn, data, table, row_id):
         return _decode_pickle(data, allow_objects=True)
     except _PickleDecodeError as error:
         raise UnreadableRowError(
-            "{}: {} row {} holds a pickle that cannot be read as data: {}".format(conn.path, table, row_id, error),
+            "{}: {} row {} contains a pickle that cannot be read as data: {}".format(conn.path, table, row_id, error),
             table=table,
             row_id=row_id,
         ) from error
@@ -2522,7 +2522,7 @@ def _ini_from_pickled_config(conn, data, row_id):
     defaults = _plain_mapping(state.get("_defaults", {})) if type(state) is dict else None
     if sections is None or defaults is None:
         raise UnreadableRowError(
-            "{}: config_data row {} holds a pickle of {} without the sections of a ConfigParser;"
+            "{}: config_data row {} contains a pickle of {} without the sections of a ConfigParser;"
             " load it with AEPsych if you trust the file".format(conn.path, row_id, _describe_value(value)),
             table="config_data",
             row_id=row_id,
@@ -2545,7 +2545,7 @@ def _ini_from_pickled_config(conn, data, row_id):
                 parser.set(section, _config_string(option), _config_value(option_value))
     except (ValueError, configparser.Error) as error:
         raise UnreadableRowError(
-            "{}: config_data row {} holds a config that cannot be written as INI: {}".format(conn.path, row_id, error),
+            "{}: config_data row {} contains a config that cannot be written as INI: {}".format(conn.path, row_id, error),
             table="config_data",
             row_id=row_id,
         ) from error
