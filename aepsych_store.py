@@ -37,7 +37,6 @@ SCHEMA_VERSION = 3
 
 logger = logging.getLogger(__name__)
 
-_TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 _MIN_ROWID = -(2**63)
 _BATCH_SIZE = 256
 
@@ -100,7 +99,10 @@ _SELECT_LATEST_SETUP = (
     "SELECT unique_id, message_contents FROM replay_data"
     " WHERE master_table_id = ? AND message_type = 'setup' ORDER BY unique_id DESC LIMIT 1"
 )
-_INSERT_TRIAL = "INSERT INTO raw_data (timestamp, model_data, extra_data, master_table_id) VALUES (?, ?, ?, ?)"
+_SELECT_NEXT_TRIAL_ID = "SELECT coalesce(max(unique_id), 0) + 1 FROM raw_data"
+_INSERT_TRIAL = (
+    "INSERT INTO raw_data (unique_id, timestamp, model_data, extra_data, master_table_id) VALUES (?, ?, ?, ?, ?)"
+)
 _INSERT_PARAM = "INSERT INTO param_data (param_name, param_value, iteration_id) VALUES (?, ?, ?)"
 _INSERT_OUTCOME = "INSERT INTO outcome_data (outcome_name, outcome_value, iteration_id) VALUES (?, ?, ?)"
 _SELECT_REPLAY = (
@@ -345,11 +347,14 @@ def _check_file_exists(path):
 
 def _open(path, mode, timeout):
     uri = Path(path).absolute().as_uri() + "?mode=" + mode
-    if mode == "ro" and _is_idle_wal_file(path):
-        # A reader of a WAL file makes PATH-wal and PATH-shm unless they
-        # exist. With no PATH-wal, no writer has the file open, so every
-        # committed page is in the file itself and it can be read as immutable.
-        # NOTE: a writer that opens the file while this reader is open is not seen, and its checkpoint could change pages under the reader.
+    if mode == "ro" and _is_idle_wal_file(path) and _folder_is_read_only(path):
+        # A reader of a WAL file needs PATH-shm, which SQLite cannot create
+        # in a folder this process may not write. With no PATH-wal, no writer
+        # has the file open, so every committed page is in the file itself
+        # and it can be read as immutable. In a writable folder SQLite makes
+        # PATH-wal and PATH-shm instead, which keeps a writer that starts
+        # later from changing pages under this reader.
+        # NOTE: an immutable reader does not see a writer that starts while it reads (possible only for a user who may write the folder).
         uri += "&immutable=1"
     try:
         conn = sqlite3.connect(
@@ -364,6 +369,17 @@ def _open(path, mode, timeout):
     conn.read_only = mode == "ro"
     _execute(conn, "PRAGMA foreign_keys = ON")
     return conn
+
+
+def _folder_is_read_only(path):
+    """Tell whether the file's folder has no write permission, for this user or in its mode bits."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        mode = os.stat(folder).st_mode
+    except OSError:
+        return False
+    # root may write anywhere, so a folder without any write bit counts as read-only too.
+    return not os.access(folder, os.W_OK) or not mode & 0o222
 
 
 def _is_idle_wal_file(path):
@@ -652,10 +668,13 @@ _PICKLED_COLUMNS = (("replay_data", "message_contents"), ("replay_data", "extra_
 _CONVERSION_BATCH = 2000
 
 
+_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
 def _exact_json(value):
     """Return (JSON text, None) if JSON represents value exactly, else (None, the reason)."""
     try:
-        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        text = _JSON_ENCODER.encode(value)
         text.encode("utf-8")
     except (TypeError, ValueError, RecursionError) as error:
         return None, "JSON cannot hold it: {}".format(error)
@@ -702,19 +721,24 @@ def _fill_trials(conn, master_id, report):
     """Write the trial rows of every recorded tell of one experiment; return the trial count."""
     count = 0
     layout = _DEFAULT_LAYOUT
+    pending = []
     for record in iter_replay(conn, master_id, skip_unreadable=True):
         if record.message_type == "setup":
             layout = _layout_of_setup(record.message_contents)
         if record.message_type != "tell":
             continue
         try:
-            prepared = _prepare_trials(record.message_contents, layout)
+            pending.append((record.timestamp, _prepare_trials(record.message_contents, layout)))
         except ValueError as error:
             report.skipped_tells.append((record.unique_id, str(error)))
             logger.warning("%s: replay_data row %d: tell not split into trials: %s", conn.path, record.unique_id, error)
-            continue
-        count += _write_trials(conn, master_id, record.timestamp, prepared)
-        report.progress(1)
+        if len(pending) >= _CONVERSION_BATCH:
+            count += _write_trials(conn, master_id, pending)
+            report.progress(len(pending))
+            pending = []
+    if pending:
+        count += _write_trials(conn, master_id, pending)
+        report.progress(len(pending))
     return count
 
 
@@ -954,7 +978,7 @@ def _remove_quietly(path):
 
 def _now():
     # Local time without a zone, in the layout AEPsych's files use.
-    return datetime.datetime.now().strftime(_TIMESTAMP_FORMAT)
+    return datetime.datetime.now().isoformat(" ", "microseconds")
 
 
 def _check_writable(conn):
@@ -1000,19 +1024,11 @@ def _insert_for_experiment(conn, sql, parameters, master_id):
 
 def _encode_json(value, what, conn):
     """Return value as JSON text, or raise if JSON would not give back the same value."""
-    try:
-        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-        same = json.loads(text) == value
-        text.encode("utf-8")
-    except (TypeError, ValueError, RecursionError) as error:
+    text, reason = _exact_json(value)
+    if text is None:
         raise StoreError(
             "{}: {} cannot be stored as JSON: {}; pass dicts, lists, str, int, float,"
-            " bool and None only".format(conn.path, what, error)
-        ) from error
-    if not same:
-        raise StoreError(
-            "{}: {} would change when stored as JSON (a tuple, a non-string dict key or a"
-            " similar value); convert it to plain JSON types first".format(conn.path, what)
+            " bool and None only".format(conn.path, what, reason)
         )
     return text
 
@@ -1151,7 +1167,7 @@ def record_message(conn, master_id, message_type, message_contents, extra_info=N
         ) from error
     with _transaction(conn):
         row_id = _insert_for_experiment(conn, _INSERT_MESSAGE, parameters, master_id)
-        _write_trials(conn, master_id, timestamp, prepared)
+        _write_trials(conn, master_id, [(timestamp, prepared)])
     return row_id
 
 
@@ -2787,14 +2803,29 @@ def _prepare_trials(contents, layout):
     return trials, model_data, extra_text
 
 
-def _write_trials(conn, master_id, timestamp, prepared):
-    """Insert prepared trials of one tell; return how many. The caller owns the transaction."""
-    trials, model_data, extra_text = prepared
-    for trial in trials:
-        trial_id = _execute(conn, _INSERT_TRIAL, (timestamp, model_data, extra_text, master_id)).lastrowid
-        conn.executemany(_INSERT_PARAM, [(name, _param_text(value), trial_id) for name, value in trial.params])
-        conn.executemany(_INSERT_OUTCOME, [(name, value, trial_id) for name, value in trial.outcomes])
-    return len(trials)
+def _write_trials(conn, master_id, tells):
+    """Insert the trials of prepared tells, given as (timestamp, prepared) pairs; return how many.
+
+    The caller owns the write transaction, so numbering the new raw_data rows
+    from max(unique_id) + 1, as SQLite itself would, cannot collide.
+    """
+    (next_id,) = _execute(conn, _SELECT_NEXT_TRIAL_ID).fetchone()
+    trial_rows = []
+    param_rows = []
+    outcome_rows = []
+    for timestamp, (trials, model_data, extra_text) in tells:
+        for trial in trials:
+            trial_rows.append((next_id, timestamp, model_data, extra_text, master_id))
+            param_rows.extend((name, _param_text(value), next_id) for name, value in trial.params)
+            outcome_rows.extend((name, value, next_id) for name, value in trial.outcomes)
+            next_id += 1
+    try:
+        conn.executemany(_INSERT_TRIAL, trial_rows)
+        conn.executemany(_INSERT_PARAM, param_rows)
+        conn.executemany(_INSERT_OUTCOME, outcome_rows)
+    except sqlite3.Error as error:
+        raise _translate_error(conn, error) from error
+    return len(trial_rows)
 
 
 def _param_text(value):
