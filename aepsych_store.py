@@ -12,6 +12,7 @@ import argparse
 import collections
 import configparser
 import contextlib
+import csv
 import datetime
 import io
 import itertools
@@ -160,6 +161,136 @@ _SELECT_USER_TABLES = (
     "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'"
 )
 
+# Trials and their parameter and outcome rows, each in raw_data.unique_id
+# order, so iter_trials merges three cursors and never sorts. Every query
+# here walks a table or an index in its order (a test checks EXPLAIN QUERY PLAN).
+_SELECT_TRIALS = (
+    "SELECT unique_id, timestamp, model_data, extra_data, master_table_id FROM raw_data ORDER BY unique_id"
+)
+_SELECT_TRIAL_PARAMS = (
+    "SELECT iteration_id, param_name, param_value FROM param_data"
+    " WHERE typeof(iteration_id) = 'integer' ORDER BY iteration_id, unique_id"
+)
+_SELECT_TRIAL_OUTCOMES = (
+    "SELECT iteration_id, outcome_name, outcome_value FROM outcome_data"
+    " WHERE typeof(iteration_id) = 'integer' ORDER BY iteration_id, unique_id"
+)
+_SELECT_EXPERIMENT_TRIALS = (
+    "SELECT unique_id, timestamp, model_data, extra_data, master_table_id FROM raw_data"
+    " WHERE master_table_id = ? ORDER BY unique_id"
+)
+_SELECT_EXPERIMENT_PARAMS = (
+    "SELECT p.iteration_id, p.param_name, p.param_value FROM raw_data r"
+    " JOIN param_data p ON p.iteration_id = r.unique_id"
+    " WHERE r.master_table_id = ? ORDER BY r.unique_id, p.unique_id"
+)
+_SELECT_EXPERIMENT_OUTCOMES = (
+    "SELECT o.iteration_id, o.outcome_name, o.outcome_value FROM raw_data r"
+    " JOIN outcome_data o ON o.iteration_id = r.unique_id"
+    " WHERE r.master_table_id = ? ORDER BY r.unique_id, o.unique_id"
+)
+_SELECT_MASTER_ROW = (
+    "SELECT unique_id, experiment_id, experiment_name, experiment_description, participant_id,"
+    " extra_metadata FROM master WHERE unique_id = ?"
+)
+_SELECT_MASTER_IDS = "SELECT unique_id FROM master ORDER BY unique_id"
+_SELECT_MASTERS_BY_EXPERIMENT_ID = "SELECT unique_id FROM master WHERE experiment_id = ? ORDER BY unique_id"
+_SELECT_ORPHAN_TRIAL = (
+    "SELECT 1 FROM raw_data WHERE master_table_id IS NULL"
+    " OR master_table_id NOT IN (SELECT unique_id FROM master) LIMIT 1"
+)
+_COUNT_EXPERIMENT_TRIALS = "SELECT count(*) FROM raw_data WHERE master_table_id = ?"
+
+# raw_data.extra_data (alias r) when it is valid JSON text, else NULL. CASE
+# evaluates its branches in order, so json_valid never gets a legacy pickle
+# BLOB, which SQLite 3.45 and later would read as binary JSON.
+_EXTRA_DATA_JSON = (
+    "CASE WHEN typeof(r.extra_data) <> 'text' THEN NULL WHEN json_valid(r.extra_data) THEN r.extra_data END"
+)
+
+# The names that a group of trials uses, in order of first appearance. The
+# group is one experiment, or the trials whose experiment is missing.
+_TrialNameQueries = collections.namedtuple("_TrialNameQueries", "params outcomes extra_keys extra_other")
+
+
+def _trial_name_queries(where):
+    return _TrialNameQueries(
+        params=(
+            "SELECT p.param_name FROM raw_data r JOIN param_data p ON p.iteration_id = r.unique_id"
+            " WHERE {} GROUP BY p.param_name ORDER BY min(p.unique_id)".format(where)
+        ),
+        outcomes=(
+            "SELECT o.outcome_name FROM raw_data r JOIN outcome_data o ON o.iteration_id = r.unique_id"
+            " WHERE {} GROUP BY o.outcome_name ORDER BY min(o.unique_id)".format(where)
+        ),
+        extra_keys=(
+            "SELECT j.key FROM raw_data r, json_each({1}) j WHERE {0} AND typeof(j.key) = 'text'"
+            " GROUP BY j.key ORDER BY min(r.unique_id), min(j.id)".format(where, _EXTRA_DATA_JSON)
+        ),
+        # Legacy pickles, and any text that is not a JSON object as this store
+        # writes it, are decoded in Python. Invalid JSON raises there too.
+        extra_other=(
+            "SELECT r.unique_id, r.extra_data FROM raw_data r WHERE {} AND r.extra_data IS NOT NULL"
+            " AND (typeof(r.extra_data) <> 'text' OR substr(r.extra_data, 1, 1) <> '{{')"
+            " ORDER BY r.unique_id".format(where)
+        ),
+    )
+
+
+_EXPERIMENT_NAME_QUERIES = _trial_name_queries("r.master_table_id = ?")
+_ORPHAN_NAME_QUERIES = _trial_name_queries(
+    "(r.master_table_id IS NULL OR r.master_table_id NOT IN (SELECT unique_id FROM master))"
+)
+
+# --combine reads an input attached to the output's connection as
+# combine_source and copies its rows in SQL, byte for byte, with unique_id
+# shifted past the output's largest id so that every row keeps its order.
+_SELECT_SOURCE_EXPERIMENTS = """
+SELECT m.unique_id, m.experiment_name, m.experiment_description, m.experiment_id,
+       m.participant_id, m.extra_metadata,
+       (SELECT count(*) FROM combine_source.replay_data r WHERE r.master_table_id = m.unique_id)
+FROM combine_source.master m ORDER BY m.unique_id
+"""
+_SELECT_OUTPUT_ORIGINS = """
+SELECT m.unique_id, m.extra_metadata,
+       (SELECT count(*) FROM main.replay_data r WHERE r.master_table_id = m.unique_id)
+FROM main.master m ORDER BY m.unique_id
+"""
+# (table, query of the source's id range, insert) for the tables that refer
+# to master. The insert's parameters: id shift, new master id, old master id.
+_COPY_EXPERIMENT_TABLES = tuple(
+    (
+        table,
+        "SELECT min(unique_id), max(unique_id) FROM combine_source.{} WHERE master_table_id = ?".format(table),
+        "INSERT INTO main.{0} (unique_id, {1}, master_table_id) SELECT unique_id + ?, {1}, ?"
+        " FROM combine_source.{0} WHERE master_table_id = ?".format(table, columns),
+    )
+    for table, columns in (
+        ("replay_data", "timestamp, message_type, message_contents, extra_info"),
+        ("strat_data", "timestamp, strat, strat_format"),
+        ("config_data", "timestamp, config"),
+        ("raw_data", "timestamp, model_data, extra_data"),
+    )
+)
+# The same for the tables that refer to raw_data. The insert's parameters:
+# id shift, raw_data id shift, old master id.
+_COPY_TRIAL_TABLES = tuple(
+    (
+        table,
+        "SELECT min(t.unique_id), max(t.unique_id) FROM combine_source.raw_data r"
+        " JOIN combine_source.{} t ON t.iteration_id = r.unique_id WHERE r.master_table_id = ?".format(table),
+        "INSERT INTO main.{0} (unique_id, {1}, iteration_id) SELECT t.unique_id + ?, t.{2}, t.iteration_id + ?"
+        " FROM combine_source.raw_data r JOIN combine_source.{0} t ON t.iteration_id = r.unique_id"
+        " WHERE r.master_table_id = ?".format(table, columns, columns.replace(", ", ", t.")),
+    )
+    for table, columns in (
+        ("param_data", "param_name, param_value"),
+        ("outcome_data", "outcome_name, outcome_value"),
+    )
+)
+_SELECT_MAX_ID = "SELECT max(unique_id) FROM main.{}"
+_MAX_ROWID = 2**63 - 1
+
 # The four tables at schema version 1, frozen here for the upgrade step that
 # creates them. schema.sql may move on; this step must not.
 _V1_TABLES = {
@@ -221,6 +352,15 @@ Experiment = collections.namedtuple(
     "unique_id experiment_id experiment_name experiment_description participant_id"
     " extra_metadata message_count first_timestamp last_timestamp",
 )
+ExperimentSummary = collections.namedtuple(
+    "ExperimentSummary",
+    "unique_id experiment_id experiment_name experiment_description participant_id"
+    " extra_metadata_keys message_count created last_modified stimuli_per_trial"
+    " parameters outcomes trial_count",
+)
+# Lists of (source unique_id, output unique_id) pairs, and of (source
+# unique_id, reason) for the experiments that could not be copied.
+CombineResult = collections.namedtuple("CombineResult", "copied already_present skipped")
 
 
 class UpgradeReport:
@@ -265,6 +405,8 @@ class StoreConnection(sqlite3.Connection):
 
     path = "?"
     read_only = False
+    # The file the user opened, also when the connection reads an upgraded temporary copy of it.
+    source_path = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -345,7 +487,8 @@ def _check_file_exists(path):
         raise StoreError("{}: is a folder, not a database file".format(path))
 
 
-def _open(path, mode, timeout):
+def _file_uri(path, mode):
+    """Return the URI that opens path in mode "ro", "rw" or "rwc"."""
     uri = Path(path).absolute().as_uri() + "?mode=" + mode
     if mode == "ro" and _is_idle_wal_file(path) and _folder_is_read_only(path):
         # A reader of a WAL file needs PATH-shm, which SQLite cannot create
@@ -356,6 +499,11 @@ def _open(path, mode, timeout):
         # later from changing pages under this reader.
         # NOTE: an immutable reader does not see a writer that starts while it reads (possible only for a user who may write the folder).
         uri += "&immutable=1"
+    return uri
+
+
+def _open(path, mode, timeout):
+    uri = _file_uri(path, mode)
     try:
         conn = sqlite3.connect(
             uri, uri=True, timeout=timeout, isolation_level=None, factory=StoreConnection
@@ -366,6 +514,7 @@ def _open(path, mode, timeout):
             " read it (and write it, unless read_only)".format(path, error)
         ) from error
     conn.path = path
+    conn.source_path = path
     conn.read_only = mode == "ro"
     _execute(conn, "PRAGMA foreign_keys = ON")
     return conn
@@ -491,6 +640,7 @@ def _open_upgraded_copy(conn, timeout):
         conn.close()
         copy = _open(copy_path, "rw", timeout)
         copy.path = "{} (upgraded temporary copy)".format(conn.path)
+        copy.source_path = conn.path
         copy._cleanup = weakref.finalize(copy, shutil.rmtree, folder, ignore_errors=True)
         run_upgrade_steps(copy)
         _execute(copy, "PRAGMA query_only = ON")
@@ -2845,20 +2995,695 @@ def _trial_extra_data(contents, message):
 
 
 # ---------------------------------------------------------------------------
+# Reading trials: one dict per trial, streamed from the trial tables
+
+# The columns every trial row starts with, before its parameters and outcomes.
+TRIAL_COLUMNS = (
+    "experiment_id",
+    "experiment_name",
+    "experiment_description",
+    "participant_id",
+    "timestamp",
+    "model_data",
+)
+_EXPERIMENT_COLUMNS = TRIAL_COLUMNS[:4]
+
+_INTEGER_TEXT = re.compile(r"[-+]?[0-9]+")
+_NUMBER_TEXT = re.compile(r"[-+]?(?:[0-9]+|(?=\.[0-9]))((?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?)")
+
+
+def iter_trials(conn, master_id=None):
+    """Yield one dict per trial of one experiment, or of every experiment, in raw_data.unique_id order.
+
+    Each dict contains the TRIAL_COLUMNS, then the trial's parameters (numeric
+    text becomes an int or a float, other text stays a str), its outcomes,
+    the experiment's extra metadata keys and the trial's extra_data keys.
+    Within one experiment, a key whose name an earlier column already uses
+    gets its table as a prefix, such as "extra_data.timestamp", so no value
+    is lost. Trials whose experiment is missing from master come with
+    experiment columns of None. Before the first row, one pass of SQL over
+    the trial tables collects every experiment's key names for those
+    prefixes. Memory does not grow with the number of trials. A stored value
+    that cannot be decoded raises UnreadableRowError.
+    """
+    if master_id is not None:
+        _check_experiment(conn, master_id)
+    master_ids = None if master_id is None else (master_id,)
+    rows = _iter_trial_rows(conn, master_ids, _TrialGroups(conn))
+    try:
+        yield from rows
+    finally:
+        rows.close()
+
+
+def trial_columns(conn, master_id=None):
+    """Return the keys that iter_trials yields for one experiment or every experiment, in column order."""
+    if master_id is not None:
+        _check_experiment(conn, master_id)
+    groups = _TrialGroups(conn)
+    return _union_columns(groups.in_file_order(None if master_id is None else (master_id,)))
+
+
+class _TrialGroup:
+    """The experiment values of one group of trials and the column name of each of its keys.
+
+    A group is one experiment, or all trials whose experiment is missing.
+    ``names`` maps each table (param_data, outcome_data, extra_metadata,
+    extra_data) to {key: column name}.
+    """
+
+    def __init__(self, experiment, metadata):
+        self.experiment = experiment
+        self.names = {table: {} for table in ("param_data", "outcome_data", "extra_metadata", "extra_data")}
+        self._order = list(TRIAL_COLUMNS)
+        self._taken = set(TRIAL_COLUMNS)
+        self._csv_layout = None
+        self.metadata = metadata
+
+    def column(self, table, key):
+        """Return the column name of a key of table, choosing one the first time the key is seen."""
+        names = self.names[table]
+        name = names.get(key)
+        if name is not None:
+            return name
+        name = str(key)
+        if name in self._taken:
+            name = "{}.{}".format(table, key)
+            number = 2
+            while name in self._taken:
+                name = "{}.{}.{}".format(table, key, number)
+                number += 1
+        self._taken.add(name)
+        self._order.append(name)
+        names[key] = name
+        return name
+
+    def column_names(self):
+        return list(self._order)
+
+    def csv_layout(self, column_index):
+        """Return (row template, {table: {key: cell index}}) of this group for a CSV with column_index."""
+        if self._csv_layout is None:
+            template = [None] * len(column_index)
+            for name, value in self.experiment.items():
+                template[column_index[name]] = value
+            indexes = {table: {key: column_index[name] for key, name in names.items()} for table, names in self.names.items()}
+            for key, value in self.metadata.items():
+                template[indexes["extra_metadata"][key]] = _flat_value(value)
+            self._csv_layout = template, indexes
+        return self._csv_layout
+
+
+class _TrialGroups:
+    """The _TrialGroup of each master_table_id, built when first needed."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self._by_master = {}
+        self._orphans = None
+
+    def get(self, master_table_id):
+        group = self._by_master.get(master_table_id)
+        if group is None:
+            group = self._load(master_table_id)
+            self._by_master[master_table_id] = group
+        return group
+
+    def in_file_order(self, master_ids):
+        """Return the groups of master_ids, or of every experiment and the orphan trials if None."""
+        conn = self.conn
+        if master_ids is not None:
+            return [self.get(master_id) for master_id in master_ids]
+        groups = [self.get(master_id) for (master_id,) in _execute(conn, _SELECT_MASTER_IDS).fetchall()]
+        if _execute(conn, _SELECT_ORPHAN_TRIAL).fetchone() is not None:
+            groups.append(self._orphan_group())
+        return groups
+
+    def _load(self, master_table_id):
+        conn = self.conn
+        row = None
+        if master_table_id is not None:
+            row = _execute(conn, _SELECT_MASTER_ROW, (master_table_id,)).fetchone()
+        if row is None:
+            return self._orphan_group()
+        unique_id = row[0]
+        experiment = dict(zip(_EXPERIMENT_COLUMNS, row[1:5]))
+        metadata = _stored_mapping(conn, row[5], "master", "extra_metadata", unique_id)
+        group = _TrialGroup(experiment, metadata)
+        _add_trial_names(conn, group, _EXPERIMENT_NAME_QUERIES, (unique_id,))
+        return group
+
+    def _orphan_group(self):
+        if self._orphans is None:
+            if _execute(self.conn, _SELECT_ORPHAN_TRIAL).fetchone() is not None:
+                logger.warning(
+                    "%s: raw_data has trials whose experiment is missing from master;"
+                    " they are read with empty experiment columns",
+                    self.conn.path,
+                )
+            self._orphans = _TrialGroup(dict.fromkeys(_EXPERIMENT_COLUMNS), {})
+            _add_trial_names(self.conn, self._orphans, _ORPHAN_NAME_QUERIES, ())
+        return self._orphans
+
+
+def _add_trial_names(conn, group, queries, parameters):
+    """Give a column to every parameter, outcome, extra metadata and extra_data key of a group.
+
+    Parameters, outcomes and extra_data keys come in order of first use.
+    """
+    for (name,) in _execute(conn, queries.params, parameters).fetchall():
+        group.column("param_data", name)
+    for (name,) in _execute(conn, queries.outcomes, parameters).fetchall():
+        group.column("outcome_data", name)
+    for key in group.metadata:
+        group.column("extra_metadata", key)
+    # NOTE: json_each needs SQLite's JSON functions, built in from SQLite 3.38 on; an older SQLite compiled without them fails here.
+    for (key,) in _execute(conn, queries.extra_keys, parameters).fetchall():
+        group.column("extra_data", key)
+    # Legacy files can hold a pickle in every row, so these rows are not fetched all at once.
+    cursor = _execute(conn, queries.extra_other, parameters)
+    try:
+        for row_id, raw in cursor:
+            for key in _stored_mapping(conn, raw, "raw_data", "extra_data", row_id):
+                group.column("extra_data", key)
+    except sqlite3.Error as error:
+        raise _translate_error(conn, error) from error
+    finally:
+        cursor.close()
+
+
+def _union_columns(groups):
+    columns = dict.fromkeys(TRIAL_COLUMNS)
+    for group in groups:
+        for name in group.column_names():
+            columns.setdefault(name, None)
+    return list(columns)
+
+
+def _merged_trials(conn, master_ids):
+    """Yield (raw_data row, its param_data rows, its outcome_data rows) for master_ids (None: every trial).
+
+    The three tables are read in raw_data.unique_id order and merged, so
+    nothing is sorted and memory does not grow with the number of trials.
+    """
+    if master_ids is not None and len(master_ids) == 1:
+        parameters = (master_ids[0],)
+        trials = _execute(conn, _SELECT_EXPERIMENT_TRIALS, parameters)
+        params = _execute(conn, _SELECT_EXPERIMENT_PARAMS, parameters)
+        outcomes = _execute(conn, _SELECT_EXPERIMENT_OUTCOMES, parameters)
+        wanted = None
+    else:
+        trials = _execute(conn, _SELECT_TRIALS)
+        params = _execute(conn, _SELECT_TRIAL_PARAMS)
+        outcomes = _execute(conn, _SELECT_TRIAL_OUTCOMES)
+        wanted = None if master_ids is None else set(master_ids)
+
+    # The three statements are open together from here on, so they read one
+    # snapshot of the file: SQLite keeps a read transaction while any is active.
+    try:
+        param = next(params, None)
+        outcome = next(outcomes, None)
+        for trial in trials:
+            trial_id = trial[0]
+            trial_params = []
+            while param is not None and param[0] <= trial_id:
+                if param[0] == trial_id:
+                    trial_params.append(param)
+                param = next(params, None)
+            trial_outcomes = []
+            while outcome is not None and outcome[0] <= trial_id:
+                if outcome[0] == trial_id:
+                    trial_outcomes.append(outcome)
+                outcome = next(outcomes, None)
+            if wanted is None or trial[4] in wanted:
+                yield trial, trial_params, trial_outcomes
+    except sqlite3.Error as error:
+        raise _translate_error(conn, error) from error
+    finally:
+        trials.close()
+        params.close()
+        outcomes.close()
+
+
+def _iter_trial_rows(conn, master_ids, groups):
+    """Yield the trial dicts of iter_trials."""
+    for (trial_id, timestamp, model_data, extra_raw, master_table_id), params, outcomes in _merged_trials(
+        conn, master_ids
+    ):
+        group = groups.get(master_table_id)
+        row = dict(group.experiment)
+        row["timestamp"] = timestamp
+        row["model_data"] = None if model_data is None else bool(model_data)
+        names = group.names["param_data"]
+        for _, name, value in params:
+            row[names.get(name) or group.column("param_data", name)] = _number_or_text(value)
+        names = group.names["outcome_data"]
+        for _, name, value in outcomes:
+            row[names.get(name) or group.column("outcome_data", name)] = value
+        if group.metadata:
+            names = group.names["extra_metadata"]
+            for key, value in group.metadata.items():
+                row[names[key]] = value
+        if extra_raw is not None:
+            names = group.names["extra_data"]
+            for key, value in _extra_data(conn, extra_raw, trial_id).items():
+                row[names.get(key) or group.column("extra_data", key)] = value
+        yield row
+
+
+def _iter_csv_rows(conn, master_ids, groups, columns):
+    """Yield one list of CSV cells per trial, in the order of columns.
+
+    Parameter values stay the text they are stored as. Dict and list values
+    become JSON text.
+    """
+    column_index = {name: index for index, name in enumerate(columns)}
+    for (trial_id, timestamp, model_data, extra_raw, master_table_id), params, outcomes in _merged_trials(
+        conn, master_ids
+    ):
+        group = groups.get(master_table_id)
+        try:
+            template, indexes = group.csv_layout(column_index)
+            cells = template[:]
+            cells[4] = timestamp
+            cells[5] = None if model_data is None else bool(model_data)
+            index = indexes["param_data"]
+            for _, name, value in params:
+                cells[index[name]] = value
+            index = indexes["outcome_data"]
+            for _, name, value in outcomes:
+                cells[index[name]] = value
+            if extra_raw is not None:
+                index = indexes["extra_data"]
+                for key, value in _extra_data(conn, extra_raw, trial_id).items():
+                    cells[index[key]] = _flat_value(value)
+        except KeyError as error:
+            # Cannot happen inside one read transaction, since the columns
+            # come from the same snapshot; checked so that no value is dropped.
+            raise StoreError(
+                "{}: raw_data row {} has the key {} that the CSV header lacks; run the export again".format(
+                    conn.path, trial_id, error
+                )
+            ) from error
+        yield cells
+
+
+def _extra_data(conn, raw, row_id):
+    """Decode one raw_data.extra_data value into a dict, with a fast path for JSON object text."""
+    if type(raw) is str:
+        try:
+            value = _JSON_DECODER.decode(raw)
+        except ValueError:
+            value = None
+        if type(value) is dict:
+            return value
+    return _stored_mapping(conn, raw, "raw_data", "extra_data", row_id)
+
+
+def _number_or_text(value):
+    """Return numeric text as an int or a float, and any other value as it is."""
+    if type(value) is str:
+        match = _NUMBER_TEXT.fullmatch(value)
+        if match is not None:
+            try:
+                # Group 1 is a fraction or an exponent, which makes the text a float.
+                return float(value) if match.group(1) else int(value)
+            except ValueError:
+                # int() of more than 4300 digits raises on Python 3.11 and later.
+                return value
+    return value
+
+
+def _flat_value(value):
+    """Return a dict or list as JSON text for a CSV cell, and any other value as it is."""
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=repr)
+    return value
+
+
+def _stored_mapping(conn, raw, table, column, row_id):
+    """Decode a stored JSON object into a dict; a NULL is an empty dict.
+
+    AEPsych 0.8 stored the JSON text of extra_data inside a pickle, so a
+    decoded str is read as JSON once more.
+    """
+    value = _decode_stored(conn, raw, table, column, row_id)
+    if type(value) is str:
+        try:
+            value = _JSON_DECODER.decode(value)
+        except ValueError as error:
+            raise UnreadableRowError(
+                "{}: {} row {} has a {} that is neither a JSON object nor a pickle of one: {}".format(
+                    conn.path, table, row_id, column, error
+                ),
+                table=table,
+                row_id=row_id,
+            ) from error
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UnreadableRowError(
+            "{}: {} row {} has a {} that is {}, not a JSON object; set it to a JSON object or NULL".format(
+                conn.path, table, row_id, column, _describe_shape(value)
+            ),
+            table=table,
+            row_id=row_id,
+        )
+    return value
+
+
+@contextlib.contextmanager
+def _read_snapshot(conn):
+    """Read the block's queries from one snapshot of the file, unless the caller has a transaction open."""
+    if conn.in_transaction:
+        yield
+        return
+    _execute(conn, "BEGIN")
+    try:
+        yield
+    finally:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+
+
+# ---------------------------------------------------------------------------
+# Summaries and CSV export
+
+
+def summarize_experiments(conn):
+    """Return an ExperimentSummary per experiment, in master order.
+
+    created and last_modified are the timestamps of its first and last
+    message. stimuli_per_trial comes from its latest setup (1 without one).
+    parameters and outcomes are the names in its trial rows, in order of
+    first use.
+    """
+    summaries = []
+    with _read_snapshot(conn):
+        for experiment in list_experiments(conn):
+            unique_id = experiment.unique_id
+            metadata = _as_mapping(conn, experiment.extra_metadata, "master", "extra_metadata", unique_id)
+            queries = _EXPERIMENT_NAME_QUERIES
+            parameters = [name for (name,) in _execute(conn, queries.params, (unique_id,)).fetchall()]
+            outcomes = [name for (name,) in _execute(conn, queries.outcomes, (unique_id,)).fetchall()]
+            (trial_count,) = _execute(conn, _COUNT_EXPERIMENT_TRIALS, (unique_id,)).fetchone()
+            summaries.append(
+                ExperimentSummary(
+                    unique_id=unique_id,
+                    experiment_id=experiment.experiment_id,
+                    experiment_name=experiment.experiment_name,
+                    experiment_description=experiment.experiment_description,
+                    participant_id=experiment.participant_id,
+                    extra_metadata_keys=[str(key) for key in metadata],
+                    message_count=experiment.message_count,
+                    created=experiment.first_timestamp,
+                    last_modified=experiment.last_timestamp,
+                    stimuli_per_trial=_experiment_layout(conn, unique_id)[1],
+                    parameters=parameters,
+                    outcomes=outcomes,
+                    trial_count=trial_count,
+                )
+            )
+    return summaries
+
+
+def _as_mapping(conn, value, table, column, row_id):
+    """Return an already decoded JSON object as a dict, reading a str as JSON text as _stored_mapping does."""
+    if type(value) is str:
+        return _stored_mapping(conn, value, table, column, row_id)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UnreadableRowError(
+            "{}: {} row {} has a {} that is {}, not a JSON object; set it to a JSON object or NULL".format(
+                conn.path, table, row_id, column, _describe_shape(value)
+            ),
+            table=table,
+            row_id=row_id,
+        )
+    return value
+
+
+def find_experiments(conn, identifier):
+    """Return the master unique_ids of the experiments that identifier names.
+
+    identifier is matched against master.experiment_id first, which may
+    name several setups of one experiment. When no experiment_id matches
+    and identifier is a whole number, it is taken as a master unique_id.
+    """
+    identifier = str(identifier)
+    found = [row[0] for row in _execute(conn, _SELECT_MASTERS_BY_EXPERIMENT_ID, (identifier,)).fetchall()]
+    if not found and _INTEGER_TEXT.fullmatch(identifier.strip()):
+        if _execute(conn, _SELECT_MASTER_EXISTS, (int(identifier),)).fetchone() is not None:
+            found = [int(identifier)]
+    if not found:
+        raise StoreError(
+            "{}: no experiment has experiment_id or unique_id {!r}; list them with:"
+            " python -m aepsych_store --summarize {}".format(conn.path, identifier, conn.source_path or conn.path)
+        )
+    return found
+
+
+def export_trials_csv(conn, path, master_ids=None):
+    """Write one CSV row per trial to path and return the number of trials written.
+
+    The header row holds the keys of iter_trials, collected with SQL before
+    the trials are streamed, so memory does not grow with the number of
+    trials. master_ids selects experiments (None: every trial). Dict and
+    list values are written as JSON text, None as an empty cell. The rows go
+    to PATH.partial first, which is renamed to path at the end, so a failed
+    export leaves no partial file behind.
+    """
+    path = os.fspath(path)
+    for source in (conn.source_path, _main_file(conn)):
+        if source and _same_file(path, source):
+            raise StoreError(
+                "{}: is the database being exported; choose another name for the CSV file".format(path)
+            )
+    partial = path + ".partial"
+    count = 0
+    with _read_snapshot(conn):
+        groups = _TrialGroups(conn)
+        columns = _union_columns(groups.in_file_order(master_ids))
+        try:
+            with open(partial, "w", newline="", encoding="utf-8") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(columns)
+                for cells in _iter_csv_rows(conn, master_ids, groups, columns):
+                    writer.writerow(cells)
+                    count += 1
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(partial, path)
+        except OSError as error:
+            _remove_quietly(partial)
+            raise StoreError(
+                "{}: cannot write the CSV file: {}; check that its folder exists and that you may write there".format(
+                    path, error.strerror or error
+                )
+            ) from error
+        except BaseException:
+            _remove_quietly(partial)
+            raise
+    logger.info("%s: wrote %d trials to %s", conn.path, count, path)
+    return count
+
+
+def _main_file(conn):
+    """Return the path of the file that conn reads, or None for an in-memory database."""
+    for _, name, file_name in _execute(conn, "PRAGMA database_list").fetchall():
+        if name == "main":
+            return file_name or None
+    return None
+
+
+def _same_file(first, second):
+    """Tell whether two paths name the same file; a path that does not exist is compared by name."""
+    try:
+        return os.path.samefile(first, second)
+    except OSError:
+        return os.path.normcase(os.path.realpath(first)) == os.path.normcase(os.path.realpath(second))
+
+
+# ---------------------------------------------------------------------------
+# Combining files
+
+
+def combine_file(conn, source_path, *, timeout=10.0):
+    """Copy every experiment of the file at source_path into conn's database; return a CombineResult.
+
+    Each experiment gets new unique_ids, and every row that refers to it
+    (messages, strategies, configs, trials with their parameters and
+    outcomes) is copied as stored, in its order. Its extra_metadata records
+    the source as "origin_db" (the file's real absolute path) and
+    "origin_master_id" (its unique_id there), unless it already has both
+    from an earlier combine. An experiment whose origin is already in the
+    output is not copied again, so rerunning a combine adds nothing.
+
+    The source is opened read-only and never changes; a file at an older
+    schema version is read from an upgraded temporary copy. All of one
+    source's experiments are written in one transaction.
+    """
+    _check_writable(conn)
+    source_path = os.fspath(source_path)
+    output = _main_file(conn)
+    if output and _same_file(source_path, output):
+        raise StoreError("{}: is the output file itself; a file cannot be combined into itself".format(source_path))
+    origin = os.path.realpath(source_path)
+
+    source = connect(source_path, read_only=True, upgrade=True, timeout=timeout)
+    try:
+        source_file = _main_file(source)
+        if source_file is None:
+            raise StoreError("{}: cannot find the file behind the connection".format(source_path))
+        _execute(conn, "ATTACH DATABASE ? AS combine_source", (_file_uri(source_file, "ro"),))
+        try:
+            with _transaction(conn):
+                result = _copy_experiments(conn, source, origin)
+        finally:
+            _execute(conn, "DETACH DATABASE combine_source")
+    finally:
+        source.close()
+    logger.info(
+        "%s: copied %d experiments from %s, %d already present",
+        conn.path, len(result.copied), source_path, len(result.already_present),
+    )
+    return result
+
+
+def _copy_experiments(conn, source, origin):
+    """Copy the experiments of the attached combine_source; the caller owns the transaction."""
+    present = _output_origins(conn)
+    result = CombineResult([], [], [])
+    for row in _execute(conn, _SELECT_SOURCE_EXPERIMENTS).fetchall():
+        old_id, name, description, experiment_id, participant_id, metadata_raw, message_count = row
+        try:
+            metadata = dict(_stored_mapping(source, metadata_raw, "master", "extra_metadata", old_id))
+        except UnreadableRowError as error:
+            result.skipped.append((old_id, str(error)))
+            logger.warning("%s; experiment %d not copied", error, old_id)
+            continue
+        if "origin_db" not in metadata or "origin_master_id" not in metadata:
+            metadata["origin_db"] = origin
+            metadata["origin_master_id"] = old_id
+        key = _origin_key(metadata)
+
+        if key in present:
+            output_id, output_count = present[key]
+            if output_count != message_count:
+                logger.warning(
+                    "%s: experiment %d has %d messages but its copy, experiment %d of %s, has %d;"
+                    " it is not copied again (combine into a new file to get the current version)",
+                    source.source_path, old_id, message_count, output_id, conn.path, output_count,
+                )
+            result.already_present.append((old_id, output_id))
+            continue
+        metadata_text, reason = _exact_json(metadata)
+        if metadata_text is None:
+            message = "{}: master row {} has extra_metadata that JSON cannot hold: {}".format(
+                source.source_path, old_id, reason
+            )
+            result.skipped.append((old_id, message))
+            logger.warning("%s; experiment %d not copied", message, old_id)
+            continue
+
+        new_id = _execute(
+            conn, _INSERT_MASTER, (name, description, experiment_id, participant_id, metadata_text)
+        ).lastrowid
+        _copy_experiment_rows(conn, old_id, new_id)
+        present[key] = (new_id, message_count)
+        result.copied.append((old_id, new_id))
+    return result
+
+
+def _output_origins(conn):
+    """Map the (origin_db, origin_master_id) of every experiment in the output to (unique_id, message count)."""
+    origins = {}
+    for unique_id, metadata_raw, message_count in _execute(conn, _SELECT_OUTPUT_ORIGINS).fetchall():
+        try:
+            metadata = _stored_mapping(conn, metadata_raw, "master", "extra_metadata", unique_id)
+        except UnreadableRowError:
+            continue  # a row this store did not write, so not a copy made by combine_file
+        if "origin_db" in metadata and "origin_master_id" in metadata:
+            origins.setdefault(_origin_key(metadata), (unique_id, message_count))
+    return origins
+
+
+def _origin_key(metadata):
+    # str() makes any JSON value usable as a dict key.
+    return str(metadata["origin_db"]), str(metadata["origin_master_id"])
+
+
+def _copy_experiment_rows(conn, old_id, new_id):
+    """Copy the rows that refer to one source experiment, shifting ids past the output's largest."""
+    raw_shift = None
+    for table, range_sql, insert_sql in _COPY_EXPERIMENT_TABLES:
+        shift = _id_shift(conn, table, range_sql, old_id)
+        if shift is None:
+            continue
+        _execute(conn, insert_sql, (shift, new_id, old_id))
+        if table == "raw_data":
+            raw_shift = shift
+    if raw_shift is None:
+        return
+    for table, range_sql, insert_sql in _COPY_TRIAL_TABLES:
+        shift = _id_shift(conn, table, range_sql, old_id)
+        if shift is not None:
+            _execute(conn, insert_sql, (shift, raw_shift, old_id))
+
+
+def _id_shift(conn, table, range_sql, old_id):
+    """Return what to add to source ids so they follow the output's largest id, or None for no rows."""
+    first, last = _execute(conn, range_sql, (old_id,)).fetchone()
+    if first is None:
+        return None
+    (largest,) = _execute(conn, _SELECT_MAX_ID.format(table)).fetchone()
+    shift = (0 if largest is None else largest) + 1 - first
+    if last + shift > _MAX_ROWID:
+        raise StoreError(
+            "{}: copying would push {}.unique_id past SQLite's largest rowid; combine into a new file".format(
+                conn.path, table
+            )
+        )
+    return shift
+
+
+# ---------------------------------------------------------------------------
 # Command line
+
+
+# Exit status of the command line. argparse exits with 2 for a wrong command line.
+EXIT_OK = 0
+EXIT_ERROR = 1
+# Some rows (--update) or some inputs (--combine) could not be read; the rest was done.
+EXIT_SKIPPED = 3
+
+_COMBINE_SUFFIXES = (".db", ".sqlite")
+_SUMMARY_DESCRIPTION_WIDTH = 40
 
 
 def _build_parser():
     parser = argparse.ArgumentParser(
         prog="python -m aepsych_store",
-        description="Upgrade and inspect AEPsych experiment databases (SQLite files).",
+        description="Upgrade, inspect, export and combine AEPsych experiment databases (SQLite files).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
-            "Exit status: 0 on success; 1 when the file cannot be used (the message"
-            " says why and the file is left unchanged); 2 for a wrong command line;"
-            " 3 when --update finished but some rows could not be read (they are"
-            " listed and kept as they were)."
+            "Exit status:\n"
+            "  0  success\n"
+            "  1  a file could not be used; the message on stderr says why, and the\n"
+            "     file is unchanged\n"
+            "  2  a wrong command line\n"
+            "  3  --update finished but some rows could not be read (they are listed\n"
+            "     and kept byte for byte), or --combine skipped an input file or an\n"
+            "     experiment it could not read (each is named on stderr) and copied\n"
+            "     everything else\n"
+            "\n"
+            "Read-only commands (--summarize, --tocsv, and --combine on its inputs)\n"
+            "never write to the files they read; an old file is read from an upgraded\n"
+            "temporary copy."
         ),
     )
+
     action = parser.add_mutually_exclusive_group(required=True)
     action.add_argument(
         "--update",
@@ -2869,11 +3694,45 @@ def _build_parser():
     action.add_argument(
         "--summarize",
         action="store_true",
-        help="print one line per experiment: id, name, participant, messages, first and last time",
+        help="print one row per experiment: ids, name, description, participant, extra metadata"
+        " keys, message count, first and last message time, stimuli per trial, parameter and"
+        " outcome names, trial count (long descriptions are shortened; --json prints them whole)",
     )
-    parser.add_argument("db", nargs="?", help="the database file")
+    action.add_argument(
+        "--tocsv",
+        metavar="OUT.csv",
+        help="write one CSV row per trial of DB to OUT.csv: experiment columns, timestamp,"
+        " model_data, parameters, outcomes, extra metadata and extra_data keys",
+    )
+    action.add_argument(
+        "--combine",
+        metavar="OUT.sqlite",
+        help="copy every experiment of the input files (IN... after it: files, or folders searched"
+        " with their subfolders for *.db and *.sqlite) into OUT.sqlite, created if missing;"
+        " rerunning adds nothing twice",
+    )
+
+    parser.add_argument("paths", nargs="*", metavar="DB", help="the database file (with --combine: IN...)")
     parser.add_argument("--db", dest="db_option", metavar="DB", help="the database file (same as DB)")
     parser.add_argument("--no-backup", action="store_true", help="with --update, skip the backup copy")
+
+    parser.add_argument(
+        "--json", action="store_true", help="with --summarize, print a JSON list of objects instead of a table"
+    )
+    parser.add_argument(
+        "--experiment",
+        metavar="ID",
+        help="with --tocsv, export only this experiment: an experiment_id (all setups that share it)"
+        " or, when no experiment_id matches, a master unique_id as --summarize lists it",
+    )
+    parser.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="with --combine, skip this file, or every file under this folder (repeatable)",
+    )
+
     parser.add_argument(
         "--timeout",
         type=float,
@@ -2886,15 +3745,43 @@ def _build_parser():
     return parser
 
 
+def _check_command_line(parser, args):
+    """Exit with status 2 on options that do not fit the action; return the database path or the inputs."""
+    if args.json and not args.summarize:
+        parser.error("--json works only with --summarize")
+    if args.experiment is not None and not args.tocsv:
+        parser.error("--experiment works only with --tocsv")
+    if args.exclude and not args.combine:
+        parser.error("--exclude works only with --combine")
+    if args.no_backup and not args.update:
+        parser.error("--no-backup works only with --update")
+
+    if args.combine:
+        if args.db_option:
+            parser.error("--combine takes its inputs after OUT.sqlite, not with --db")
+        if not args.paths:
+            parser.error("the input files are missing: give them after --combine OUT.sqlite")
+        for path in args.paths:
+            if _same_file(path, args.combine):
+                parser.error("{} is the output of --combine and cannot be one of its inputs".format(path))
+        return args.paths
+
+    if len(args.paths) > 1:
+        parser.error("give one database file, not {}".format(len(args.paths)))
+    db = args.paths[0] if args.paths else None
+    if db and args.db_option and db != args.db_option:
+        parser.error("give the database once, as DB or as --db DB")
+    db = db or args.db_option
+    if not db:
+        parser.error("the database file is missing: give it as DB or --db DB")
+    return db
+
+
 def main(argv=None):
     """Run the command line and return its exit status."""
     parser = _build_parser()
     args = parser.parse_args(argv)
-    if args.db and args.db_option and args.db != args.db_option:
-        parser.error("give the database once, as DB or as --db DB")
-    db = args.db or args.db_option
-    if not db:
-        parser.error("the database file is missing: give it as DB or --db DB")
+    target = _check_command_line(parser, args)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s: %(message)s",
@@ -2903,22 +3790,21 @@ def main(argv=None):
 
     try:
         if args.update:
-            progress = _TerminalProgress(db) if sys.stderr.isatty() else None
-            report = upgrade_file(db, backup=not args.no_backup, timeout=args.timeout, progress=progress)
+            progress = _TerminalProgress(target) if sys.stderr.isatty() else None
+            report = upgrade_file(target, backup=not args.no_backup, timeout=args.timeout, progress=progress)
             if progress is not None:
                 progress.finish()
             return _print_upgrade(report)
-        _print_summary(db, args.timeout)
+        elif args.summarize:
+            _print_summary(target, args.timeout, args.json)
+        elif args.tocsv:
+            _write_csv(target, args.tocsv, args.experiment, args.timeout)
+        else:
+            return _combine(args.combine, target, args.exclude, args.timeout)
     except StoreError as error:
         print("aepsych_store: error: {}".format(error), file=sys.stderr)
         return EXIT_ERROR
     return EXIT_OK
-
-
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_ROWS_UNREADABLE = 3
 
 
 def _print_upgrade(report):
@@ -2949,7 +3835,7 @@ def _print_upgrade(report):
             ),
             file=sys.stderr,
         )
-        return EXIT_ROWS_UNREADABLE
+        return EXIT_SKIPPED
     return EXIT_OK
 
 
@@ -3003,34 +3889,147 @@ def _estimate_upgrade_rows(path):
     return count + count // 2
 
 
-def _print_summary(db, timeout):
+def _print_summary(db, timeout, as_json):
     conn = connect(db, read_only=True, upgrade=True, timeout=timeout)
     try:
-        experiments = list_experiments(conn)
+        summaries = summarize_experiments(conn)
     finally:
         conn.close()
-    header = ("id", "experiment_id", "name", "participant", "messages", "first", "last")
+    if as_json:
+        print(json.dumps([summary._asdict() for summary in summaries], indent=2, ensure_ascii=False))
+        return
+
+    header = (
+        "id", "experiment_id", "name", "description", "participant", "metadata keys", "messages",
+        "created", "last modified", "stimuli", "parameters", "outcomes", "trials",
+    )
     rows = [header]
-    for experiment in experiments:
-        rows.append(
-            tuple(
-                "" if value is None else str(value)
-                for value in (
-                    experiment.unique_id,
-                    experiment.experiment_id,
-                    experiment.experiment_name,
-                    experiment.participant_id,
-                    experiment.message_count,
-                    experiment.first_timestamp,
-                    experiment.last_timestamp,
-                )
-            )
+    for summary in summaries:
+        description = summary.experiment_description
+        if description is not None and len(description) > _SUMMARY_DESCRIPTION_WIDTH:
+            description = description[: _SUMMARY_DESCRIPTION_WIDTH - 3] + "..."
+        values = (
+            summary.unique_id,
+            summary.experiment_id,
+            summary.experiment_name,
+            description,
+            summary.participant_id,
+            ", ".join(summary.extra_metadata_keys),
+            summary.message_count,
+            summary.created,
+            summary.last_modified,
+            summary.stimuli_per_trial,
+            ", ".join(str(name) for name in summary.parameters),
+            ", ".join(str(name) for name in summary.outcomes),
+            summary.trial_count,
         )
+        # A line break inside a value would break the table's alignment.
+        rows.append(tuple("" if value is None else " ".join(str(value).splitlines()) for value in values))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    if not experiments:
+    if not summaries:
         print("(no experiments)")
+
+
+def _write_csv(db, out, experiment, timeout):
+    if os.path.exists(db) and _same_file(out, db):
+        raise StoreError("{}: is the database itself; choose another name for the CSV file".format(out))
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise StoreError("{}: the folder {} does not exist; create it or choose another path".format(out, folder))
+    if os.path.isdir(out):
+        raise StoreError("{}: is a folder; give the path of the CSV file to write".format(out))
+
+    conn = connect(db, read_only=True, upgrade=True, timeout=timeout)
+    try:
+        master_ids = None if experiment is None else find_experiments(conn, experiment)
+        count = export_trials_csv(conn, out, master_ids)
+    finally:
+        conn.close()
+    print("{}: wrote {} trials from {}".format(out, count, db))
+
+
+def _combine(out, inputs, excludes, timeout):
+    files, skipped = _combine_inputs(inputs, excludes, out)
+    if not files and not skipped:
+        raise StoreError(
+            "no *.db or *.sqlite file found in {}; check the paths".format(", ".join(inputs))
+        )
+    conn = connect(out, timeout=timeout)
+    try:
+        for path in files:
+            try:
+                result = combine_file(conn, path, timeout=timeout)
+            except StoreError as error:
+                _print_skipped(path, error)
+                skipped += 1
+                continue
+            print(
+                "{}: experiments copied into {}: {}, already there: {}".format(
+                    path, out, len(result.copied), len(result.already_present)
+                )
+            )
+            for old_id, reason in result.skipped:
+                _print_skipped(path, "experiment {} not copied: {}".format(old_id, _without_prefix(reason, path)))
+                skipped += 1
+    finally:
+        conn.close()
+    return EXIT_SKIPPED if skipped else EXIT_OK
+
+
+def _print_skipped(path, reason):
+    print("aepsych_store: skipped {}: {}".format(path, _without_prefix(reason, path)), file=sys.stderr)
+
+
+def _without_prefix(reason, path):
+    # Most error messages start with the file name already.
+    reason = str(reason)
+    prefix = "{}: ".format(path)
+    return reason[len(prefix):] if reason.startswith(prefix) else reason
+
+
+def _combine_inputs(inputs, excludes, out):
+    """Expand the inputs of --combine into database files; return them and the number of missing inputs.
+
+    A folder contributes its *.db and *.sqlite files and those of its
+    subfolders, in name order. Files under an --exclude path, the output
+    file, and files already listed are left out.
+    """
+    excluded = [os.path.realpath(path) for path in excludes]
+
+    def is_excluded(path):
+        real = os.path.realpath(path)
+        if _same_file(real, out):
+            return True
+        return any(real == item or real.startswith(item.rstrip(os.sep) + os.sep) for item in excluded)
+
+    files = []
+    seen = set()
+    missing = 0
+    for path in inputs:
+        if os.path.isdir(path):
+            found = []
+            for folder, subfolders, names in os.walk(path):
+                subfolders.sort()
+                found.extend(
+                    os.path.join(folder, name)
+                    for name in sorted(names)
+                    if name.lower().endswith(_COMBINE_SUFFIXES)
+                )
+        elif os.path.exists(path):
+            found = [path]
+        else:
+            _print_skipped(path, "file not found")
+            missing += 1
+            continue
+        for candidate in found:
+            real = os.path.realpath(candidate)
+            if real in seen or is_excluded(candidate):
+                continue
+            seen.add(real)
+            files.append(candidate)
+    return files, missing
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
--- Fresh aepsych_store database at schema version 2 (PRAGMA user_version = 2).
+-- Fresh aepsych_store database at schema version 3 (PRAGMA user_version = 3).
 --
 -- Table and column names, and the declared column types, are the ones AEPsych
 -- servers have written since 2021, so files from either program read alike.
