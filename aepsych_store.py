@@ -488,18 +488,24 @@ def _check_file_exists(path):
 
 
 def _file_uri(path, mode):
-    """Return the URI that opens path in mode "ro", "rw" or "rwc"."""
-    uri = Path(path).absolute().as_uri() + "?mode=" + mode
-    if mode == "ro" and _is_idle_wal_file(path) and _folder_is_read_only(path):
-        # A reader of a WAL file needs PATH-shm, which SQLite cannot create
-        # in a folder this process may not write. With no PATH-wal, no writer
-        # has the file open, so every committed page is in the file itself
-        # and it can be read as immutable. In a writable folder SQLite makes
-        # PATH-wal and PATH-shm instead, which keeps a writer that starts
-        # later from changing pages under this reader.
-        # NOTE: an immutable reader does not see a writer that starts while it reads (possible only for a user who may write the folder).
-        uri += "&immutable=1"
-    return uri
+    """Return the URI that opens path in mode "ro", "rw" or "rwc".
+
+    A reader of a WAL file needs PATH-wal and PATH-shm, and only the last
+    read-write connection to close removes them. So a read-only open of an
+    idle WAL file (one without PATH-wal, so no writer has it open) becomes a
+    read-write open whose caller must not write (``_open`` sets
+    query_only), which leaves no file behind. In a folder without write
+    permission no writer can start either, and the file is read as
+    immutable.
+    """
+    uri = Path(path).absolute().as_uri() + "?mode="
+    if mode == "ro" and _is_idle_wal_file(path):
+        if _folder_is_read_only(path):
+            # NOTE: an immutable reader does not see a writer that starts while it reads (possible only for a user who may write the folder).
+            return uri + "ro&immutable=1"
+        if os.access(path, os.W_OK):
+            return uri + "rw"
+    return uri + mode
 
 
 def _open(path, mode, timeout):
@@ -517,6 +523,8 @@ def _open(path, mode, timeout):
     conn.source_path = path
     conn.read_only = mode == "ro"
     _execute(conn, "PRAGMA foreign_keys = ON")
+    if conn.read_only:
+        _execute(conn, "PRAGMA query_only = ON")
     return conn
 
 

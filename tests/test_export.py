@@ -668,5 +668,5 @@ def test_help_lists_new_options():
     assert result.returncode == 0
     for option in ("--tocsv", "--summarize", "--json", "--experiment", "--combine", "--exclude"):
         assert option in result.stdout, option
-    for status in ("0  success", "1  a file could not be used", "2  a wrong command line", "3  --combine skipped"):
+    for status in ("0  success", "1  a file could not be used", "2  a wrong command line", "3  --update finished"):
         assert status in result.stdout, status
