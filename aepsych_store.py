@@ -14,10 +14,12 @@ import configparser
 import contextlib
 import csv
 import datetime
+import errno
 import io
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -382,6 +384,7 @@ class UpgradeReport:
         self.unreadable = []
         self.kept_as_pickle = []
         self.skipped_tells = []
+        self.steps_run = []
         self._progress = progress
         self._rows_done = 0
 
@@ -445,15 +448,21 @@ def connect(
     path = os.fspath(path)
     if read_only or not create:
         _check_file_exists(path)
-    mode = "ro" if read_only else ("rwc" if create else "rw")
+    if read_only:
+        mode = "ro"
+    elif create:
+        mode = "rwc"
+        _schema_path()  # raises before a file is created if schema.sql is missing
+    else:
+        mode = "rw"
     conn = _open(path, mode, timeout)
     try:
         version = _check_version(conn)
         if version == 0 and not _user_tables(conn):
             if read_only or not create:
                 raise StoreError(
-                    "{}: the file is an empty database, not an aepsych_store database;"
-                    " open it with read_only=False and create=True to make it a new one".format(path)
+                    "{}: the file is an empty database, not an aepsych_store database; check the"
+                    " path (aepsych_store.connect() without read_only makes it a new database)".format(path)
                 )
             _create_schema(conn)
             version = SCHEMA_VERSION
@@ -537,6 +546,15 @@ def _folder_is_read_only(path):
         return False
     # root may write anywhere, so a folder without any write bit counts as read-only too.
     return not os.access(folder, os.W_OK) or not mode & 0o222
+
+
+def _is_sqlite_file(path):
+    """Tell whether path is a file that starts with SQLite's header."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(16) == b"SQLite format 3\x00"
+    except OSError:
+        return False
 
 
 def _is_idle_wal_file(path):
@@ -678,8 +696,8 @@ def _translate_error(conn, error):
     path = getattr(conn, "path", "?")
     if "database is locked" in text or "database table is locked" in text:
         return StoreError(
-            "{}: the database is locked by another process; close the program using it"
-            " or retry with a longer timeout".format(path)
+            "{}: the database is locked by another process; close the program using it,"
+            " or retry with a longer timeout (--timeout SECONDS on the command line)".format(path)
         )
     if "file is not a database" in text:
         return StoreError("{}: not a SQLite database file; check the path".format(path))
@@ -688,10 +706,11 @@ def _translate_error(conn, error):
             "{}: the database file is damaged ({}); restore it from a backup".format(path, text)
         )
     if "readonly" in text or "read-only" in text:
+        if getattr(conn, "read_only", False):
+            return StoreError("{}: cannot write: {}; open it without read_only to write".format(path, text))
         return StoreError(
-            "{}: cannot write: {}; open it without read_only, or check the file's permissions".format(
-                path, text
-            )
+            "{}: cannot write: {}; check that you may write both the file and its folder,"
+            " where SQLite keeps its journal".format(path, text)
         )
     return StoreError("{}: SQLite error: {}".format(path, text))
 
@@ -1031,6 +1050,7 @@ def run_upgrade_steps(conn, *, unchanged_since=None, report=None):
                         "{}; upgrade step {} failed and the file stays at version {}".format(error, target, version)
                     ) from error
                 _execute(conn, "PRAGMA user_version = {:d}".format(target))
+            report.steps_run.append(target)
         finally:
             _execute(conn, "PRAGMA foreign_keys = ON")
     report.new_version = _read_version(conn)
@@ -1077,7 +1097,14 @@ def upgrade_file(path, *, backup=True, timeout=10.0, progress=None):
         if backup:
             (data_version,) = _execute(conn, "PRAGMA data_version").fetchone()
             report.backup_path = _backup(conn, old_version)
-        return run_upgrade_steps(conn, unchanged_since=data_version, report=report)
+        run_upgrade_steps(conn, unchanged_since=data_version, report=report)
+        if not report.steps_run:
+            # Another process upgraded the file while this one waited for the lock.
+            if report.backup_path is not None:
+                _remove_quietly(report.backup_path)
+                report.backup_path = None
+            report.old_version = report.new_version
+        return report
     finally:
         conn.close()
 
@@ -1116,11 +1143,11 @@ def _backup(conn, version):
         raise _translate_error(conn, error) from error
     except OSError as error:
         _remove_quietly(partial_path)
-        raise StoreError(
-            "{}: cannot write the backup {}: {}; free some space or pass --no-backup".format(
-                conn.path, backup_path, error
-            )
-        ) from error
+        if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            advice = "the upgrade needs write permission on the file's folder, for the backup and SQLite's journal"
+        else:
+            advice = "free some space, or pass --no-backup to upgrade without a backup"
+        raise StoreError("{}: cannot write the backup {}: {}; {}".format(conn.path, backup_path, error, advice)) from error
     logger.info("%s: backup written to %s", conn.path, backup_path)
     return backup_path
 
@@ -2791,21 +2818,34 @@ def _describe_shape(value, depth=0):
     if isinstance(value, (int, float)):
         return "a number"
     if isinstance(value, str):
-        return "a str"
+        return "a string"
     if value is None:
         return "null"
     if isinstance(value, dict):
-        if depth >= 2:
-            return "a dict"
-        return "a dict of {{{}}}".format(
-            ", ".join("{}: {}".format(key, _describe_shape(item, depth + 1)) for key, item in list(value.items())[:8])
-        )
+        keys = ", ".join(str(key) for key in list(value)[:8])
+        return "a dict with keys {}".format(keys) if keys else "an empty dict"
     if isinstance(value, list):
         if not value:
             return "an empty list"
-        shapes = sorted({_describe_shape(item, depth + 1) for item in value[:50]})
-        return "a list of {} ({})".format(len(value), " or ".join(shapes)) if depth < 3 else "a list"
+        if depth >= 2:
+            return "a list of {}".format(len(value))
+        kinds = sorted({_describe_shape(item, depth + 1) for item in value[:50]})
+        if len(kinds) == 1:
+            return "a list of {} {}".format(len(value), _plural(kinds[0]))
+        return "a list of {} ({})".format(len(value), " or ".join(kinds))
     return "a {}".format(type(value).__name__)
+
+
+def _plural(description):
+    """Turn 'a number' into 'numbers' and 'a list of 2 numbers' into 'lists of 2 numbers'."""
+    words = description.split(" ")
+    if words[0] in ("a", "an"):
+        words = words[1:]
+    if words[0] == "empty":
+        words[1] += "s"
+    else:
+        words[0] += "s"
+    return " ".join(words)
 
 
 def _number(value, what):
@@ -2825,8 +2865,15 @@ def _trials_from_tell(message, parnames, stimuli_per_trial):
         raise ValueError("the tell's config is {}, not a dict of parameter values".format(_describe_shape(config)))
     if "outcome" not in message:
         raise ValueError("the tell has no outcome")
-    names = [name for name in (parnames or ()) if name in config]
-    names += [name for name in config if name not in names]
+    names = list(config)
+    if parnames:
+        if sorted(parnames) != sorted(names):
+            raise ValueError(
+                "the tell's config has the parameters {} but the setup's [common] parnames is [{}]".format(
+                    ", ".join(names), ", ".join(parnames)
+                )
+            )
+        names = list(parnames)
 
     if stimuli_per_trial == 1:
         columns = {name: _single_stimulus_values(config[name], name) for name in names}
@@ -3665,6 +3712,8 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 # Some rows (--update) or some inputs (--combine) could not be read; the rest was done.
 EXIT_SKIPPED = 3
+# As a shell reports a program stopped by SIGINT: 128 + 2.
+EXIT_INTERRUPTED = 130
 
 _COMBINE_SUFFIXES = (".db", ".sqlite")
 _SUMMARY_DESCRIPTION_WIDTH = 40
@@ -3685,6 +3734,8 @@ def _build_parser():
             "     and kept byte for byte), or --combine skipped an input file or an\n"
             "     experiment it could not read (each is named on stderr) and copied\n"
             "     everything else\n"
+            "  130  interrupted (Ctrl-C); --update leaves the file at a complete\n"
+            "     schema version, and running it again finishes the upgrade\n"
             "\n"
             "Read-only commands (--summarize, --tocsv, and --combine on its inputs)\n"
             "never write to the files they read; an old file is read from an upgraded\n"
@@ -3743,7 +3794,7 @@ def _build_parser():
 
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=10.0,
         metavar="SECONDS",
         help="how long to wait for another process's lock on the file (default: 10)",
@@ -3785,6 +3836,17 @@ def _check_command_line(parser, args):
     return db
 
 
+def _seconds(text):
+    """Parse a --timeout value: a finite number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("{!r} is not a number of seconds".format(text))
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError("{!r} must be a finite number of seconds, 0 or more".format(text))
+    return value
+
+
 def main(argv=None):
     """Run the command line and return its exit status."""
     parser = _build_parser()
@@ -3796,6 +3858,7 @@ def main(argv=None):
         stream=sys.stderr,
     )
 
+    progress = None
     try:
         if args.update:
             progress = _TerminalProgress(target) if sys.stderr.isatty() else None
@@ -3812,7 +3875,28 @@ def main(argv=None):
     except StoreError as error:
         print("aepsych_store: error: {}".format(error), file=sys.stderr)
         return EXIT_ERROR
+    except KeyboardInterrupt:
+        if progress is not None:
+            progress.finish()
+        print("aepsych_store: interrupted; {}".format(_state_after_interrupt(args, target)), file=sys.stderr)
+        return EXIT_INTERRUPTED
     return EXIT_OK
+
+
+def _state_after_interrupt(args, target):
+    """Say in words where an interrupted command left its file."""
+    if not args.update:
+        return "the files it read are unchanged"
+    try:
+        conn = sqlite3.connect(Path(target).absolute().as_uri() + "?mode=ro", uri=True)
+        try:
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return "run --update again to finish the upgrade"
+    # The step that was running rolled back, so the file is at a complete version.
+    return "{} is at schema version {}, complete; run --update again to finish the upgrade".format(target, version)
 
 
 def _print_upgrade(report):
@@ -3948,6 +4032,11 @@ def _write_csv(db, out, experiment, timeout):
         raise StoreError("{}: the folder {} does not exist; create it or choose another path".format(out, folder))
     if os.path.isdir(out):
         raise StoreError("{}: is a folder; give the path of the CSV file to write".format(out))
+    if _is_sqlite_file(out):
+        raise StoreError(
+            "{}: is a SQLite database, and --tocsv would overwrite it with CSV; the command"
+            " is --tocsv OUT.csv DB, so check the order of the two paths".format(out)
+        )
 
     conn = connect(db, read_only=True, upgrade=True, timeout=timeout)
     try:
@@ -3955,7 +4044,7 @@ def _write_csv(db, out, experiment, timeout):
         count = export_trials_csv(conn, out, master_ids)
     finally:
         conn.close()
-    print("{}: wrote {} trials from {}".format(out, count, db))
+    print("{}: wrote {} {} from {}".format(out, count, "trial" if count == 1 else "trials", db))
 
 
 def _combine(out, inputs, excludes, timeout):

@@ -436,7 +436,7 @@ def test_connect_zero_byte_read_only(tmp_path, options):
     path = tmp_path / "empty.db"
     path.write_bytes(b"")
 
-    assert_rejected(path, "empty", "read_only=False", **options)
+    assert_rejected(path, "empty", "check the", **options)
 
     assert path.stat().st_size == 0
 

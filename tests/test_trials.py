@@ -340,7 +340,7 @@ BAD_TELLS = {
     "nested list for one stimulus": (
         1,
         {"config": {"x1": [[0.1]], "x2": [1]}, "outcome": 1},
-        ["x1 is a list of 1 (a list of 1 (a number))"],
+        ["x1 is a list of 1 lists of 1 numbers"],
     ),
     "text outcome": (1, {"config": {"x1": 0.1, "x2": 1}, "outcome": "yes"}, ["the outcome is a str"]),
 }
@@ -481,3 +481,26 @@ def test_trial_name_queries_use_index(tmp_path, field):
 
     assert any("INDEX raw_data_master_table_id (master_table_id=?)" in step for step in plan), plan
     assert not any(step.startswith("SCAN r") or step.startswith("SCAN raw_data") for step in plan), plan
+
+
+@pytest.mark.parametrize(
+    "config, shown",
+    [
+        ({"x1": [0.1]}, "has the parameters x1 but the setup's [common] parnames is [x1, x2]"),
+        ({"x1": [0.1], "x2": [4], "x3": [1]}, "has the parameters x1, x2, x3"),
+    ],
+    ids=["missing parameter", "unknown parameter"],
+)
+def test_tell_parameters_must_match_parnames(tmp_path, config, shown):
+    conn = aepsych_store.connect(tmp_path / "store.sqlite")
+    setup = {"type": "setup", "message": {"config_str": "[common]\nparnames = [x1, x2]\n"}}
+    master_id = aepsych_store.record_setup(conn, setup)
+    with pytest.raises(aepsych_store.StoreError) as raised:
+        aepsych_store.record_message(
+            conn, master_id, "tell", {"type": "tell", "message": {"config": config, "outcome": 1}}
+        )
+    counts = [conn.execute("SELECT count(*) FROM {}".format(t)).fetchone()[0] for t in ("replay_data", "raw_data")]
+    conn.close()
+    assert shown in str(raised.value)
+    assert "nothing was written" in str(raised.value)
+    assert counts == [1, 0]
