@@ -247,15 +247,27 @@ _ORPHAN_NAME_QUERIES = _trial_name_queries(
 # --combine reads an input attached to the output's connection as
 # combine_source and copies its rows in SQL, byte for byte, with unique_id
 # shifted past the output's largest id so that every row keeps its order.
+# An experiment's fingerprint: its experiment_id, message count and the
+# timestamps of its first and last messages, for spotting the same session
+# in copies of one file.
 _SELECT_SOURCE_EXPERIMENTS = """
 SELECT m.unique_id, m.experiment_name, m.experiment_description, m.experiment_id,
        m.participant_id, m.extra_metadata,
-       (SELECT count(*) FROM combine_source.replay_data r WHERE r.master_table_id = m.unique_id)
+       (SELECT count(*) FROM combine_source.replay_data r WHERE r.master_table_id = m.unique_id),
+       (SELECT r.timestamp FROM combine_source.replay_data r WHERE r.master_table_id = m.unique_id
+        ORDER BY r.unique_id LIMIT 1),
+       (SELECT r.timestamp FROM combine_source.replay_data r WHERE r.master_table_id = m.unique_id
+        ORDER BY r.unique_id DESC LIMIT 1)
 FROM combine_source.master m ORDER BY m.unique_id
 """
 _SELECT_OUTPUT_ORIGINS = """
 SELECT m.unique_id, m.extra_metadata,
-       (SELECT count(*) FROM main.replay_data r WHERE r.master_table_id = m.unique_id)
+       (SELECT count(*) FROM main.replay_data r WHERE r.master_table_id = m.unique_id),
+       m.experiment_id,
+       (SELECT r.timestamp FROM main.replay_data r WHERE r.master_table_id = m.unique_id
+        ORDER BY r.unique_id LIMIT 1),
+       (SELECT r.timestamp FROM main.replay_data r WHERE r.master_table_id = m.unique_id
+        ORDER BY r.unique_id DESC LIMIT 1)
 FROM main.master m ORDER BY m.unique_id
 """
 # (table, query of the source's id range, insert) for the tables that refer
@@ -3608,10 +3620,15 @@ def combine_file(conn, source_path, *, timeout=10.0):
 
 def _copy_experiments(conn, source, origin):
     """Copy the experiments of the attached combine_source; the caller owns the transaction."""
-    present = _output_origins(conn)
+    present, fingerprints = _output_origins(conn)
     result = CombineResult([], [], [])
     for row in _execute(conn, _SELECT_SOURCE_EXPERIMENTS).fetchall():
-        old_id, name, description, experiment_id, participant_id, metadata_raw, message_count = row
+        old_id, name, description, experiment_id, participant_id, metadata_raw, message_count, first, last = row
+        fingerprint = (experiment_id, message_count, first, last)
+        if message_count and fingerprint in fingerprints:
+            # The same recorded session, reached through another copy of its file.
+            result.already_present.append((old_id, fingerprints[fingerprint]))
+            continue
         try:
             metadata = dict(_stored_mapping(source, metadata_raw, "master", "extra_metadata", old_id))
         except UnreadableRowError as error:
@@ -3647,21 +3664,30 @@ def _copy_experiments(conn, source, origin):
         ).lastrowid
         _copy_experiment_rows(conn, old_id, new_id)
         present[key] = (new_id, message_count)
+        fingerprints[fingerprint] = new_id
         result.copied.append((old_id, new_id))
     return result
 
 
 def _output_origins(conn):
-    """Map the (origin_db, origin_master_id) of every experiment in the output to (unique_id, message count)."""
+    """Index the output's experiments by origin and by fingerprint.
+
+    Return a dict of (origin_db, origin_master_id) to (unique_id, message
+    count), and a dict of fingerprint to unique_id.
+    """
     origins = {}
-    for unique_id, metadata_raw, message_count in _execute(conn, _SELECT_OUTPUT_ORIGINS).fetchall():
+    fingerprints = {}
+    for unique_id, metadata_raw, message_count, experiment_id, first, last in _execute(
+        conn, _SELECT_OUTPUT_ORIGINS
+    ).fetchall():
+        fingerprints.setdefault((experiment_id, message_count, first, last), unique_id)
         try:
             metadata = _stored_mapping(conn, metadata_raw, "master", "extra_metadata", unique_id)
         except UnreadableRowError:
             continue  # a row this store did not write, so not a copy made by combine_file
         if "origin_db" in metadata and "origin_master_id" in metadata:
             origins.setdefault(_origin_key(metadata), (unique_id, message_count))
-    return origins
+    return origins, fingerprints
 
 
 def _origin_key(metadata):

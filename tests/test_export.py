@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 
@@ -670,3 +671,22 @@ def test_help_lists_new_options():
         assert option in result.stdout, option
     for status in ("0  success", "1  a file could not be used", "2  a wrong command line", "3  --update finished"):
         assert status in result.stdout, status
+
+
+def test_combine_copies_of_one_file_once(tmp_path, legacy_copy):
+    original = legacy_copy("aepsych-2022-multi-stimulus.db")
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    for name in ("a.db", "b.db", "c.sqlite"):
+        shutil.copyfile(str(original), str(folder / name))
+    out = tmp_path / "combined.sqlite"
+
+    result = run_cli("--combine", out, folder)
+
+    assert result.returncode == 0, result.stderr
+    conn = sqlite3.connect(str(out))
+    experiments = conn.execute("SELECT count(*) FROM master").fetchone()[0]
+    messages = conn.execute("SELECT count(*) FROM replay_data").fetchone()[0]
+    conn.close()
+    assert experiments == 1
+    assert messages == 15
