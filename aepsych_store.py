@@ -3240,10 +3240,18 @@ def _add_trial_names(conn, group, queries, parameters):
 
 
 def _union_columns(groups):
+    """Return the columns of several groups: TRIAL_COLUMNS, then every parameter, outcome and extra key.
+
+    Parameters of all groups come before any outcome, and outcomes before
+    the extra metadata and extra_data keys, so a CSV of several experiments
+    keeps the same order as a CSV of one.
+    """
+    groups = list(groups)
     columns = dict.fromkeys(TRIAL_COLUMNS)
-    for group in groups:
-        for name in group.column_names():
-            columns.setdefault(name, None)
+    for table in ("param_data", "outcome_data", "extra_metadata", "extra_data"):
+        for group in groups:
+            for name in group.names[table].values():
+                columns.setdefault(name, None)
     return list(columns)
 
 

@@ -690,3 +690,27 @@ def test_combine_copies_of_one_file_once(tmp_path, legacy_copy):
     conn.close()
     assert experiments == 1
     assert messages == 15
+
+
+def test_tocsv_columns_grouped_across_experiments(tmp_path):
+    path = tmp_path / "store.sqlite"
+    conn = aepsych_store.connect(path)
+    first = aepsych_store.record_setup(
+        conn, {"type": "setup", "message": {"config_str": "[common]\nparnames = [x1]\n"}}, extra_metadata={"lab": "A"}
+    )
+    aepsych_store.record_message(
+        conn, first, "tell", {"type": "tell", "message": {"config": {"x1": 1}, "outcome": 1}, "extra_info": {"rt": 2}}
+    )
+    second = aepsych_store.record_setup(conn, {"type": "setup", "message": {"config_str": "[common]\nparnames = [x3]\n"}})
+    aepsych_store.record_message(
+        conn, second, "tell", {"type": "tell", "message": {"config": {"x3": 5}, "outcome": {"a": 1, "b": 0}}}
+    )
+    conn.close()
+    out = tmp_path / "trials.csv"
+
+    result = run_cli("--tocsv", out, path)
+
+    assert result.returncode == 0, result.stderr
+    header = out.read_text().splitlines()[0].split(",")
+    tail = header[header.index("x1"):]
+    assert tail == ["x1", "x3", "outcome", "a", "b", "lab", "rt"]
