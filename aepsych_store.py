@@ -1081,7 +1081,11 @@ def _estimate_message_count(conn):
 
 _SELECT_MASTER_IDS = "SELECT unique_id FROM master ORDER BY unique_id"
 _SELECT_MASTERS_WITH_TRIALS = "SELECT DISTINCT master_table_id FROM raw_data"
-_SELECT_MESSAGE_ID_SPAN = "SELECT coalesce(max(unique_id) - min(unique_id) + 1, 0) FROM replay_data"
+# max() and min() each in a query of its own, where SQLite reads one end of
+# the table instead of every row.
+_SELECT_MESSAGE_ID_SPAN = (
+    "SELECT coalesce((SELECT max(unique_id) FROM replay_data) - (SELECT min(unique_id) FROM replay_data) + 1, 0)"
+)
 # The rows that step 3 needs: setups set the layout of the tells after them.
 _SELECT_TRIAL_SOURCES = (
     "SELECT unique_id, timestamp, message_type, message_contents, extra_info FROM replay_data"
@@ -1431,24 +1435,30 @@ class _BatchWorkers:
         batch = next(batches, None)
         if batch is None:
             return False
-        worker.connection.send((function, batch))
+        try:
+            worker.connection.send((function, batch))
+        except OSError:
+            raise self._worker_ended(worker) from None
         return True
 
     def _receive_result(self, worker):
         try:
             succeeded, result = worker.connection.recv()
         except (EOFError, OSError):
-            worker.process.join(_WORKER_EXIT_TIMEOUT)
-            raise StoreError(
-                "{}: upgrade worker process {} ended unexpectedly (exit code {}); run the upgrade again".format(
-                    self._path, worker.process.pid, worker.process.exitcode
-                )
-            ) from None
+            raise self._worker_ended(worker) from None
         if not succeeded:
             raise RuntimeError("{}: upgrade worker process {} failed:\n{}".format(
                 self._path, worker.process.pid, result
             ))
         return result
+
+    def _worker_ended(self, worker):
+        worker.process.join(_WORKER_EXIT_TIMEOUT)
+        return StoreError(
+            "{}: upgrade worker process {} ended unexpectedly (exit code {}); run the upgrade again".format(
+                self._path, worker.process.pid, worker.process.exitcode
+            )
+        )
 
 
 def _start_worker(context, other_connections):
