@@ -1365,11 +1365,29 @@ def _worker_count(message_count):
     # multiprocessing lets no daemonic process (a Pool worker, say) start children.
     if multiprocessing.current_process().daemon:
         return 0
+    if not _main_module_reimport_is_safe():
+        return 0
     if hasattr(os, "sched_getaffinity"):
         cpus = len(os.sched_getaffinity(0))
     else:
         cpus = os.cpu_count() or 1
     return min(cpus, _MAX_WORKERS) if cpus >= 2 else 0
+
+
+def _main_module_reimport_is_safe():
+    """Tell whether worker processes can start without running the calling program again.
+
+    The spawn and forkserver start methods (spawn is the default on macOS
+    and Windows) import the main module in every new process. A script that
+    calls upgrade_file outside an ``if __name__ == "__main__":`` block would
+    then run again in each worker, so workers start under those methods only
+    when the main module is this one (``python -m aepsych_store``) or has no
+    file (an interactive session, ``python -c``).
+    """
+    if multiprocessing.get_context(_WORKER_START_METHOD).get_start_method() == "fork":
+        return True
+    main = sys.modules.get("__main__")
+    return main is None or main is sys.modules.get(__name__) or getattr(main, "__file__", None) is None
 
 
 _Worker = collections.namedtuple("_Worker", "process connection")

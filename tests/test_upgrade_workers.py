@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 
@@ -205,6 +206,35 @@ def test_plain_json_agrees_with_exact_json(value):
 
 def test_small_upgrade_starts_no_workers():
     assert aepsych_store._worker_count(aepsych_store._MIN_ROWS_FOR_WORKERS - 1) == 0
+
+
+@pytest.mark.skipif("spawn" not in START_METHODS, reason="needs the spawn start method")
+def test_spawn_skips_workers_for_script(tmp_path, monkeypatch):
+    script = types.ModuleType("__main__")
+    script.__file__ = str(tmp_path / "server.py")
+    monkeypatch.setitem(sys.modules, "__main__", script)
+    monkeypatch.setattr(aepsych_store, "_WORKER_START_METHOD", "spawn")
+
+    assert not aepsych_store._main_module_reimport_is_safe()
+    assert aepsych_store._worker_count(10 ** 6) == 0
+
+
+@pytest.mark.skipif("spawn" not in START_METHODS, reason="needs the spawn start method")
+def test_spawn_allows_workers_without_script(monkeypatch):
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+    monkeypatch.setattr(aepsych_store, "_WORKER_START_METHOD", "spawn")
+
+    assert aepsych_store._main_module_reimport_is_safe()
+
+
+@pytest.mark.skipif("fork" not in START_METHODS, reason="needs the fork start method")
+def test_fork_allows_workers_for_script(tmp_path, monkeypatch):
+    script = types.ModuleType("__main__")
+    script.__file__ = str(tmp_path / "server.py")
+    monkeypatch.setitem(sys.modules, "__main__", script)
+    monkeypatch.setattr(aepsych_store, "_WORKER_START_METHOD", "fork")
+
+    assert aepsych_store._main_module_reimport_is_safe()
 
 
 def exit_at_once(batch):
