@@ -1469,12 +1469,15 @@ def upgrade_file(path, *, backup=True, timeout=10.0, progress=None):
         if backup:
             (data_version,) = _execute(conn, "PRAGMA data_version").fetchone()
             report.backup_path = _backup(conn, old_version)
-        run_upgrade_steps(conn, unchanged_since=data_version, report=report)
-        if not report.steps_run:
-            # Another process upgraded the file while this one waited for the lock.
-            if report.backup_path is not None:
+        try:
+            run_upgrade_steps(conn, unchanged_since=data_version, report=report)
+        finally:
+            if not report.steps_run and report.backup_path is not None:
+                # The file is as it was when copied, or another process upgraded
+                # it and made its own backup, so this copy is redundant.
                 _remove_quietly(report.backup_path)
                 report.backup_path = None
+        if not report.steps_run:
             report.old_version = report.new_version
         return report
     finally:
@@ -1491,12 +1494,15 @@ def _backup(conn, version):
     """
     base = "{}.v{}".format(conn.path, version)
     backup_path = base + ".bak"
-    number = 1
-    while os.path.exists(backup_path):
-        backup_path = "{}.{}.bak".format(base, number)
-        number += 1
-    partial_path = backup_path + ".partial"
     (journal_mode,) = _execute(conn, "PRAGMA journal_mode").fetchone()
+    try:
+        # A name of this process's own, so two upgrades never share a partial copy.
+        handle, partial_path = tempfile.mkstemp(
+            prefix=os.path.basename(base) + ".", suffix=".partial", dir=os.path.dirname(os.path.abspath(base))
+        )
+        os.close(handle)
+    except OSError as error:
+        raise _backup_error(conn, backup_path, error) from error
     try:
         if journal_mode.lower() == "wal":
             target = sqlite3.connect(partial_path)
@@ -1509,19 +1515,42 @@ def _backup(conn, version):
                 shutil.copyfile(conn.path, partial_path)
         with open(partial_path, "rb") as handle:
             os.fsync(handle.fileno())
-        os.replace(partial_path, backup_path)
+        backup_path = _claim_name(partial_path, base)
     except sqlite3.Error as error:
         _remove_quietly(partial_path)
         raise _translate_error(conn, error) from error
     except OSError as error:
         _remove_quietly(partial_path)
-        if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            advice = "the upgrade needs write permission on the file's folder, for the backup and SQLite's journal"
-        else:
-            advice = "free some space, or pass --no-backup to upgrade without a backup"
-        raise StoreError("{}: cannot write the backup {}: {}; {}".format(conn.path, backup_path, error, advice)) from error
+        raise _backup_error(conn, backup_path, error) from error
     logger.info("%s: backup written to %s", conn.path, backup_path)
     return backup_path
+
+
+def _claim_name(partial_path, base):
+    """Give the finished copy the first free name of BASE.bak, BASE.1.bak, ...; return it.
+
+    os.link fails when the name exists, so two processes never claim the
+    same one, and an older backup is never overwritten.
+    """
+    candidate = base + ".bak"
+    number = 1
+    while True:
+        try:
+            os.link(partial_path, candidate)
+        except FileExistsError:
+            candidate = "{}.{}.bak".format(base, number)
+            number += 1
+            continue
+        os.remove(partial_path)
+        return candidate
+
+
+def _backup_error(conn, backup_path, error):
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        advice = "the upgrade needs write permission on the file's folder, for the backup and SQLite's journal"
+    else:
+        advice = "free some space, or pass --no-backup to upgrade without a backup"
+    return StoreError("{}: cannot write the backup {}: {}; {}".format(conn.path, backup_path, error, advice))
 
 
 def _remove_quietly(path):
