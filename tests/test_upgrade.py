@@ -17,8 +17,8 @@ SINGLE_STIMULUS_TELLS = [
     ((4, 0.3), 0),
 ]
 
-# The legacy-dbs README's table of the multi-stimulus file's seven tells:
-# par1 stimuli 0 and 1, par2 stimuli 0 and 1, outcomes 0 and 1.
+# The seven tells of the real multi-stimulus file, as AEPsych's fixture
+# documents them: par1 stimuli 0 and 1, par2 stimuli 0 and 1, outcomes 0 and 1.
 MULTI_STIMULUS_TELLS = [
     (0.1, 0.2, 4, 0.1, 1, 0),
     (0.3, 1, 3, 0.2, -1, 0),
@@ -95,7 +95,8 @@ def test_upgrade_keeps_master_strat_config_rows(legacy_copy, name):
     strats = table_rows(path, "strat_data")
     configs = table_rows(path, "config_data")
     upgraded(path).close()
-    assert [row[:len(master[0])] for row in table_rows(path, "master")] == master if master else True
+    width = len(master[0]) if master else 0
+    assert [row[:width] for row in table_rows(path, "master")] == master
     assert [row[:4] for row in table_rows(path, "strat_data")] == strats
     assert table_rows(path, "config_data") == configs
 
