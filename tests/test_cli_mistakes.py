@@ -104,11 +104,14 @@ def test_update_twice_at_once(tmp_path):
     assert statuses in ([0, 0], [0, 1]), results
     upgraded = [out for status, out, _ in results if "upgraded from schema version 0" in out]
     assert len(upgraded) == 1, results
-    # Both runs copy the file first; the one that ran no step removes its copy.
+    # Both runs copy the file first, and one that ran no step removes its
+    # copy. Rarely the second run takes over between two steps of the first
+    # and keeps a copy of that intermediate version.
     backups = sorted(name for name in os.listdir(str(tmp_path)) if ".bak" in name)
-    assert len(backups) == 1, backups
-    assert backups[0] in ("legacy.db.v0.bak", "legacy.db.v0.1.bak")
-    assert user_version(tmp_path / backups[0]) == 0
+    assert 1 <= len(backups) <= 2, backups
+    versions = sorted(user_version(tmp_path / name) for name in backups)
+    assert versions[0] == 0
+    assert all(version < aepsych_store.SCHEMA_VERSION for version in versions)
     assert user_version(path) == aepsych_store.SCHEMA_VERSION
 
 
