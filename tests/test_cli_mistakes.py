@@ -103,7 +103,7 @@ def test_update_twice_at_once(tmp_path):
     statuses = sorted(status for status, _, _ in results)
     assert statuses in ([0, 0], [0, 1]), results
     upgraded = [out for status, out, _ in results if "upgraded from schema version 0" in out]
-    assert len(upgraded) == 1, results
+    assert len(upgraded) >= 1, results
     # Both runs copy the file first, and one that ran no step removes its
     # copy. Rarely the second run takes over between two steps of the first
     # and keeps a copy of that intermediate version.
