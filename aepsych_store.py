@@ -33,6 +33,7 @@ import sys
 import sysconfig
 from time import monotonic as _monotonic
 import tempfile
+import threading
 import traceback
 import uuid
 import weakref
@@ -1717,10 +1718,19 @@ def _start_worker(context, other_connections):
         name="aepsych_store upgrade worker",
         daemon=True,
     )
+    # A forked child starts with this process's SIGINT handler, which would
+    # print a traceback on Ctrl-C before _run_worker ignores SIGINT, so the
+    # fork happens with SIGINT ignored. signal() works in the main thread only.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:
+        previous = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         process.start()
     finally:
         worker_end.close()
+        if in_main_thread and previous is not None:
+            signal.signal(signal.SIGINT, previous)
     return _Worker(process, connection)
 
 
@@ -1740,8 +1750,8 @@ def _run_worker(connection, connections_to_close):
             return
         try:
             function, batch = connection.recv()
-        except EOFError:
-            return
+        except (EOFError, OSError):
+            return  # the parent closed the pipe or ended, perhaps in the middle of a message
         try:
             reply = (True, function(batch))
         except Exception:
