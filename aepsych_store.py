@@ -1721,15 +1721,17 @@ def _start_worker(context, other_connections):
     # A forked child starts with this process's SIGINT handler, which would
     # print a traceback on Ctrl-C before _run_worker ignores SIGINT, so the
     # fork happens with SIGINT ignored. signal() works in the main thread only.
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    if in_main_thread:
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # getsignal gives None for a handler set outside Python, which could not be restored.
         previous = signal.getsignal(signal.SIGINT)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if previous is not None:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         process.start()
     finally:
         worker_end.close()
-        if in_main_thread and previous is not None:
+        if previous is not None:
             signal.signal(signal.SIGINT, previous)
     return _Worker(process, connection)
 
