@@ -980,7 +980,7 @@ def _check_legacy_payloads(conn, report):
 
 
 # Rows of replay_data with a pickle in message_contents or extra_info. A
-# column that holds no pickle reads as NULL, so its text is never decoded:
+# column that contains no pickle reads as NULL, so its text is never decoded:
 # it may be text that is not UTF-8, which sqlite3 cannot return as str.
 _SELECT_PICKLED_MESSAGES = (
     "SELECT unique_id,"
@@ -4174,7 +4174,7 @@ def find_experiments(conn, identifier):
 def export_trials_csv(conn, path, master_ids=None):
     """Write one CSV row per trial to path and return the number of trials written.
 
-    The header row holds the keys of iter_trials, collected with SQL before
+    The header row contains the keys of iter_trials, collected with SQL before
     the trials are streamed, so memory does not grow with the number of
     trials. master_ids selects experiments (None: every trial). Dict and
     list values are written as JSON text, None as an empty cell. The rows go
@@ -4413,7 +4413,7 @@ def _build_parser():
         epilog=(
             "Exit status:\n"
             "  0  success\n"
-            "  1  a file could not be used; the message on stderr says why, and the\n"
+            "  1  a file could not be used; the message on stderr explains why, and the\n"
             "     file is unchanged\n"
             "  2  a wrong command line\n"
             "  3  --update finished but some rows could not be read (they are listed\n"

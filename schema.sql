@@ -7,7 +7,7 @@
 --
 -- Storage classes tell the formats apart: message_contents, extra_info and
 -- extra_metadata hold JSON text when this store wrote them and a Python pickle
--- (BLOB) in rows AEPsych wrote. config holds INI text or a legacy pickle.
+-- (BLOB) in rows AEPsych wrote. config contains INI text or a legacy pickle.
 
 CREATE TABLE master (
 	unique_id INTEGER NOT NULL,
@@ -52,7 +52,7 @@ CREATE TABLE config_data (
 );
 
 -- One row per trial, written with each tell: the query-friendly view of the
--- replay log. Names and columns are AEPsych 0.8's. param_value holds the
+-- replay log. Names and columns are AEPsych 0.8's. param_value contains the
 -- value as text (AEPsych's VARCHAR); extra_data is a JSON object.
 CREATE TABLE raw_data (
 	unique_id INTEGER NOT NULL,
